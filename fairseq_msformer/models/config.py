@@ -1,0 +1,178 @@
+"""Options of the msformer_lm model, and the checks that stop a bad combination before training starts."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
+
+from ..errors import MsformerConfigError
+from ..modules import POOL_TYPES, SHIFT_RULES
+
+FAMILIES = ("bottom_up", "top_down", "retina")
+
+
+@dataclass
+class MsformerLMConfig(FairseqDataclass):
+    family: ChoiceEnum(FAMILIES) = field(
+        default="bottom_up", metadata={"help": "multi-scale architecture family (set by the --arch presets)"}
+    )
+    # --- the scales ---
+    pool_factors: str = field(
+        default="4,4",
+        metadata={"help": "comma-separated pooling factors r_1,..,r_{S-1}, each >= 2; scale s has blocks of "
+                          "K_s = r_1*..*r_s tokens, and inputs are padded internally to a multiple of K_{S-1}"},
+    )
+    scale_layers: str = field(
+        default="4,4",
+        metadata={"help": "comma-separated number of Transformer layers run at each coarse scale "
+                          "(one entry per pooling factor, each >= 1)"},
+    )
+    token_layers: int = field(
+        default=2,
+        metadata={"help": "token-level layers feeding the softmax (after the aggregation layer in bottom-up; "
+                          "the finest stage of top-down)"},
+    )
+    token_layers_before_pooling: int = field(
+        default=0,
+        metadata={"help": "bottom-up only: token-level layers before the first pooling (the paper is described "
+                          "with none; Hourglass found some essential)"},
+    )
+    pool_type: ChoiceEnum(POOL_TYPES) = field(
+        default="mean", metadata={"help": "how r elements become one block: mean, max or linear (concat+project)"}
+    )
+    shift_rule: ChoiceEnum(SHIFT_RULES) = field(
+        default="complete",
+        metadata={"help": "causality rule: 'complete' reads a block once all its tokens are past; 'hourglass' "
+                          "shifts right by r-1 before pooling (fresher blocks, also leak-free)"},
+    )
+    top_down_combine: ChoiceEnum(["add", "concat"]) = field(
+        default="add",
+        metadata={"help": "top-down only: add the upsampled coarse states to the finer scale's pooled "
+                          "embeddings, or concatenate and project"},
+    )
+    # --- layer sizes ---
+    decoder_embed_dim: int = field(default=512, metadata={"help": "model width at every scale"})
+    decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "feed-forward inner dimension"})
+    decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads"})
+    activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
+        default="relu", metadata={"help": "activation function of the feed-forward sublayers"}
+    )
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and residual branches"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})
+    # --- embeddings and softmax (fairseq's transformer_lm options of the same names) ---
+    decoder_learned_pos: bool = field(
+        default=False, metadata={"help": "learned positions (token and block) instead of sinusoidal ones"}
+    )
+    no_token_positional_embeddings: bool = field(
+        default=False, metadata={"help": "no token-level positions (coarse scales keep theirs)"}
+    )
+    no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by sqrt(dim)"})
+    share_decoder_input_output_embed: bool = field(
+        default=False, metadata={"help": "tie input and output embeddings (without adaptive input)"}
+    )
+    adaptive_input: bool = field(default=False, metadata={"help": "use fairseq's AdaptiveInput embeddings"})
+    adaptive_input_factor: float = field(default=4, metadata={"help": "adaptive input band size factor"})
+    adaptive_input_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated adaptive input cutoffs, below the vocabulary size"}
+    )
+    adaptive_softmax_cutoff: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated adaptive softmax cutoffs (use with --criterion adaptive_loss)"},
+    )
+    adaptive_softmax_dropout: float = field(default=0, metadata={"help": "dropout in adaptive softmax tails"})
+    adaptive_softmax_factor: float = field(default=4, metadata={"help": "adaptive softmax band size factor"})
+    tie_adaptive_weights: bool = field(
+        default=False, metadata={"help": "tie adaptive input and adaptive softmax band weights"}
+    )
+    tie_adaptive_proj: bool = field(
+        default=False, metadata={"help": "also tie the adaptive input/softmax projections"}
+    )
+    # --- from the task ---
+    max_target_positions: Optional[int] = II("task.max_target_positions")
+    tokens_per_sample: int = II("task.tokens_per_sample")
+
+
+def int_list(option: str, value) -> List[int]:
+    """'4,4' -> [4, 4], or a one-line error naming the option."""
+    if value is None or str(value).strip() == "":
+        return []
+    try:
+        return [int(v) for v in str(value).split(",") if v.strip() != ""]
+    except ValueError:
+        raise MsformerConfigError(f"{option}: expected comma-separated integers, got '{value}'") from None
+
+
+def check_config(args, vocab_size: int, tokens_per_sample: int):
+    """Validate model options together with the task; returns (pool_factors, scale_layers).
+
+    Every message starts with the option to change, so that the CLI's one-line error says what to do.
+    """
+    factors = int_list("--pool-factors", args.pool_factors)
+    if not factors:
+        raise MsformerConfigError("--pool-factors: at least one coarse scale (one pooling factor) is required")
+    if any(r < 2 for r in factors):
+        raise MsformerConfigError(f"--pool-factors: every pooling factor must be >= 2, got '{args.pool_factors}'")
+    coarsest = 1
+    for r in factors:
+        coarsest *= r
+    if coarsest > tokens_per_sample:
+        raise MsformerConfigError(
+            f"--pool-factors: the coarsest block ({coarsest} tokens = {'*'.join(map(str, factors))}) is longer "
+            f"than a sample (--tokens-per-sample {tokens_per_sample})"
+        )
+    if args.pool_type not in POOL_TYPES:
+        raise MsformerConfigError(f"--pool-type: unknown pooling type '{args.pool_type}', choose from {POOL_TYPES}")
+    if args.shift_rule not in SHIFT_RULES:
+        raise MsformerConfigError(f"--shift-rule: unknown rule '{args.shift_rule}', choose from {SHIFT_RULES}")
+
+    scale_layers = int_list("--scale-layers", args.scale_layers)
+    if args.family != "retina":
+        if len(scale_layers) != len(factors):
+            raise MsformerConfigError(
+                f"--scale-layers: needs one layer count per pooling factor ({len(factors)}), got '{args.scale_layers}'"
+            )
+        if any(n < 1 for n in scale_layers):
+            raise MsformerConfigError(f"--scale-layers: every coarse scale needs >= 1 layer, got '{args.scale_layers}'")
+    for option in ("token_layers", "token_layers_before_pooling"):
+        if getattr(args, option) < 0:
+            raise MsformerConfigError(f"--{option.replace('_', '-')}: must be >= 0")
+    if args.decoder_embed_dim % args.decoder_attention_heads != 0:
+        raise MsformerConfigError(
+            f"--decoder-attention-heads: {args.decoder_attention_heads} heads do not divide "
+            f"--decoder-embed-dim {args.decoder_embed_dim}"
+        )
+    max_positions = args.max_target_positions or tokens_per_sample
+    if max_positions < tokens_per_sample:
+        raise MsformerConfigError(
+            f"--max-target-positions: {max_positions} is below --tokens-per-sample {tokens_per_sample}"
+        )
+
+    for option in ("adaptive_input_cutoff", "adaptive_softmax_cutoff"):
+        cutoffs = int_list("--" + option.replace("_", "-"), getattr(args, option))
+        flag = "--" + option.replace("_", "-")
+        if cutoffs and (any(b <= a for a, b in zip(cutoffs, cutoffs[1:])) or cutoffs[0] <= 0):
+            raise MsformerConfigError(f"{flag}: cutoffs must be positive and increasing, got '{getattr(args, option)}'")
+        if cutoffs and cutoffs[-1] > vocab_size:
+            raise MsformerConfigError(
+                f"{flag}: cutoff {cutoffs[-1]} is above the vocabulary size ({vocab_size} types)"
+            )
+    if args.adaptive_input and not args.adaptive_input_cutoff:
+        raise MsformerConfigError("--adaptive-input-cutoff: required with --adaptive-input")
+    if args.share_decoder_input_output_embed and (args.adaptive_input or args.adaptive_softmax_cutoff):
+        raise MsformerConfigError(
+            "--share-decoder-input-output-embed: not with adaptive input/softmax; use --tie-adaptive-weights"
+        )
+    if args.tie_adaptive_weights:
+        if not (args.adaptive_input and args.adaptive_softmax_cutoff):
+            raise MsformerConfigError(
+                "--tie-adaptive-weights: needs --adaptive-input and --adaptive-softmax-cutoff"
+            )
+        if args.adaptive_input_cutoff != args.adaptive_softmax_cutoff or (
+            args.adaptive_input_factor != args.adaptive_softmax_factor
+        ):
+            raise MsformerConfigError(
+                "--tie-adaptive-weights: adaptive input and softmax need the same cutoffs and factors"
+            )
+    return factors, scale_layers

@@ -1,0 +1,112 @@
+"""The fairseq decoder shared by the three families: embeddings in, (adaptive) softmax out.
+
+A family ("body") maps token embeddings (B, T, C), T a multiple of the grid, to features (B, T, C) under the
+causality rule. This class does everything fairseq expects around it (design.md §5): token embeddings
+(plain or AdaptiveInput) and positions, right-padding to the grid and cutting back to the real length, the
+final LayerNorm, the output projection or AdaptiveSoftmax, and the incremental-decoding hooks.
+"""
+import logging
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq.models import FairseqIncrementalDecoder
+from fairseq.modules import AdaptiveSoftmax, FairseqDropout, LayerNorm, PositionalEmbedding
+from fairseq.utils import eval_str_list
+
+from ..modules import ScaleGrid
+from .bottom_up import BottomUp
+from .top_down import TopDown
+
+logger = logging.getLogger(__name__)
+
+FAMILY_BODIES = {"bottom_up": BottomUp, "top_down": TopDown}
+
+
+class MsformerDecoder(FairseqIncrementalDecoder):
+    def __init__(self, args, dictionary, embed_tokens, pool_factors, scale_layers):
+        super().__init__(dictionary)
+        dim = args.decoder_embed_dim
+        self.max_target_positions = args.max_target_positions
+        self.grid = ScaleGrid(pool_factors, args.shift_rule)
+
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if args.no_scale_embedding else dim**0.5
+        self.embed_positions = (
+            None
+            if args.no_token_positional_embeddings
+            else PositionalEmbedding(
+                args.max_target_positions, dim, dictionary.pad(), learned=args.decoder_learned_pos
+            )
+        )
+        self.dropout_module = FairseqDropout(args.dropout, module_name=type(self).__name__)
+        self.body = FAMILY_BODIES[args.family](args, self.grid, scale_layers)
+        self.layer_norm = LayerNorm(dim)
+
+        self.adaptive_softmax = None
+        self.output_projection = None
+        if args.adaptive_softmax_cutoff:
+            self.adaptive_softmax = AdaptiveSoftmax(
+                len(dictionary),
+                dim,
+                eval_str_list(args.adaptive_softmax_cutoff, type=int),
+                dropout=args.adaptive_softmax_dropout,
+                adaptive_inputs=embed_tokens if args.tie_adaptive_weights else None,
+                factor=args.adaptive_softmax_factor,
+                tie_proj=args.tie_adaptive_proj,
+            )
+        else:
+            self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
+            if args.share_decoder_input_output_embed:
+                self.output_projection.weight = embed_tokens.weight
+            else:
+                nn.init.normal_(self.output_projection.weight, mean=0, std=dim**-0.5)
+
+    def forward(
+        self,
+        prev_output_tokens,
+        encoder_out=None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[torch.Tensor]]]] = None,
+        features_only: bool = False,
+        src_lengths=None,
+        **kwargs,
+    ):
+        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        # prev_output_tokens: (B, T). Generation passes the whole prefix at every step; this decoder
+        # recomputes it and returns the last position (exact; per-scale caches are future work).
+        bsz, seq_len = prev_output_tokens.shape
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)  # (B, T, C)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(prev_output_tokens)
+        x = self.dropout_module(x)
+
+        # pad on the right to the grid; under the causality rule no real position can see the padding
+        grid_pad = (-seq_len) % self.grid.grid
+        if grid_pad:
+            x = F.pad(x, (0, 0, 0, grid_pad))  # (B, T', C), T' a multiple of the coarsest block
+        inner_states = [x]
+        x = self.body(x, inner_states)
+        x = self.layer_norm(x[:, :seq_len])  # (B, T, C): real positions only
+        if incremental_state is not None:
+            x = x[:, -1:]
+        return x, {"attn": [None], "inner_states": inner_states}
+
+    def output_layer(self, features):
+        if self.adaptive_softmax is not None:
+            return features  # the AdaptiveSoftmax projects inside get_normalized_probs / adaptive_loss
+        return self.output_projection(features)
+
+    def max_positions(self):
+        if self.embed_positions is None:
+            return self.max_target_positions
+        return min(self.max_target_positions, self.embed_positions.max_positions)
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        # nothing is cached between steps yet: the prefix is recomputed at each step
+        pass

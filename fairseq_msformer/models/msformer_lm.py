@@ -1,0 +1,122 @@
+"""Registration: the msformer_lm model and its architecture presets (--arch)."""
+import logging
+
+from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.models.transformer import Embedding
+from fairseq.modules import AdaptiveInput
+from fairseq.utils import eval_str_list, safe_getattr
+
+from .config import MsformerLMConfig, check_config
+from .decoder import MsformerDecoder
+
+logger = logging.getLogger(__name__)
+
+
+@register_model("msformer_lm", dataclass=MsformerLMConfig)
+class MsformerLanguageModel(FairseqLanguageModel):
+    """Multi-scale Transformer LM (Subramanian et al. 2020): bottom-up, top-down or retina decoder."""
+
+    @classmethod
+    def build_model(cls, args, task):
+        tokens_per_sample = safe_getattr(args, "tokens_per_sample", None) or task.args.tokens_per_sample
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = tokens_per_sample
+        dictionary = task.source_dictionary
+        pool_factors, scale_layers = check_config(args, len(dictionary), tokens_per_sample)
+
+        if args.adaptive_input:
+            embed_tokens = AdaptiveInput(
+                len(dictionary),
+                dictionary.pad(),
+                args.decoder_embed_dim,
+                args.adaptive_input_factor,
+                args.decoder_embed_dim,
+                eval_str_list(args.adaptive_input_cutoff, type=int),
+                0,  # quant-noise
+                8,
+            )
+        else:
+            embed_tokens = Embedding(len(dictionary), args.decoder_embed_dim, dictionary.pad())
+        decoder = MsformerDecoder(args, task.target_dictionary, embed_tokens, pool_factors, scale_layers)
+        logger.info(describe_scales(args, decoder.grid, scale_layers, tokens_per_sample))
+        return cls(decoder)
+
+
+def describe_scales(args, grid, scale_layers, tokens_per_sample):
+    """One log line: the positions and layers each scale runs for one sample."""
+    parts = []
+    for s, k in enumerate(grid.block_lengths):
+        n = -(-tokens_per_sample // k)
+        layers = args.token_layers if s == 0 else scale_layers[s - 1]
+        parts.append(f"scale {s}: {n} x {k}-token blocks, {layers} layers")
+    return f"msformer {args.family} ({args.shift_rule} rule, {args.pool_type} pooling): " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------- architecture presets
+# Pattern of fairseq's transformer_lm: explicit CLI flags win, then the preset, then the dataclass default.
+# `--arch msformer_lm` itself (registered with the model) takes --family and every option from the CLI.
+
+
+def _family(args, family):
+    args.family = family
+
+
+def _defaults(args, **values):
+    for name, value in values.items():
+        setattr(args, name, safe_getattr(args, name, value))
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_bottom_up")
+def msformer_lm_bottom_up(args):
+    _family(args, "bottom_up")
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_top_down")
+def msformer_lm_top_down(args):
+    _family(args, "top_down")
+
+
+def _tiny(args):
+    """Small enough to train in minutes on a CPU (the demo and the tests)."""
+    _defaults(
+        args, decoder_embed_dim=64, decoder_ffn_embed_dim=256, decoder_attention_heads=4, pool_factors="4,4",
+        scale_layers="1,1", token_layers=1, dropout=0.1, share_decoder_input_output_embed=True,
+    )
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_bottom_up_tiny")
+def msformer_lm_bottom_up_tiny(args):
+    _tiny(args)
+    msformer_lm_bottom_up(args)
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_top_down_tiny")
+def msformer_lm_top_down_tiny(args):
+    _tiny(args)
+    msformer_lm_top_down(args)
+
+
+def _wiki103(args):
+    """The scale of fairseq's transformer_lm_wiki103 (Baevski & Auli): adaptive input and softmax, tied."""
+    _defaults(
+        args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
+        dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
+        adaptive_input=True, adaptive_input_factor=4, adaptive_input_cutoff="20000,60000",
+        adaptive_softmax_cutoff="20000,60000", adaptive_softmax_dropout=0.2, adaptive_softmax_factor=4,
+        tie_adaptive_weights=True, tie_adaptive_proj=True,
+    )
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_bottom_up_wiki103")
+def msformer_lm_bottom_up_wiki103(args):
+    # 2 token layers + 4 + 6 coarse layers + aggregation + 4 token layers
+    _defaults(args, pool_factors="4,4", scale_layers="4,6", token_layers=4, token_layers_before_pooling=2)
+    _wiki103(args)
+    msformer_lm_bottom_up(args)
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_top_down_wiki103")
+def msformer_lm_top_down_wiki103(args):
+    _defaults(args, pool_factors="4,4", scale_layers="4,6", token_layers=6)
+    _wiki103(args)
+    msformer_lm_top_down(args)

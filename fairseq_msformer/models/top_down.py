@@ -1,0 +1,52 @@
+"""Top-down family: coarse to fine, as in SampleRNN (design.md §3).
+
+    embeddings ─pool─> scale 1 ─pool─> ... ─pool─> scale S-1        (a pyramid of pooled embeddings)
+    h_{S-1} = layers_{S-1}(pooled_{S-1})
+    h_s     = layers_s(pooled_s  (+ or concat)  causal_upsample(h_{s+1}))   for s = S-2 .. 0
+    h_0 feeds the decoder's final norm and softmax.
+"""
+import torch
+import torch.nn as nn
+
+from ..modules import BlockPool, CausalUpsample, LayerStack, coarse_scale_positions, upsample_index
+
+
+class TopDown(nn.Module):
+    def __init__(self, args, grid, scale_layers):
+        super().__init__()
+        self.grid = grid
+        dim = args.decoder_embed_dim
+        self.pools = nn.ModuleList(
+            BlockPool(r, args.pool_type, dim, hourglass_shift=grid.hourglass) for r in grid.pool_factors
+        )
+        self.positions = coarse_scale_positions(args, grid)
+        # stacks[s] runs at scale s; stacks[0] is token level (its output goes to the decoder's final norm)
+        self.stacks = nn.ModuleList(
+            [LayerStack(args, args.token_layers, final_norm=False)]
+            + [LayerStack(args, n) for n in scale_layers]
+        )
+        # upsamples[s] carries scale s + 1 down to scale s
+        self.upsamples = nn.ModuleList(CausalUpsample(dim) for _ in grid.pool_factors)
+        self.concat = args.top_down_combine == "concat"
+        if self.concat:
+            self.combine = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in grid.pool_factors)
+
+    def forward(self, x: torch.Tensor, inner_states: list) -> torch.Tensor:
+        # x: (B, T, C) token embeddings, T a multiple of the grid
+        pyramid = [x]
+        for pool in self.pools:
+            pyramid.append(pool(pyramid[-1]))  # (B, T / K_s, C)
+        h = None
+        for s in reversed(range(self.grid.num_scales)):
+            inputs = pyramid[s] if s == 0 else self.positions[s - 1](pyramid[s])
+            if h is not None:
+                index = upsample_index(
+                    self.grid.ready(s, inputs.size(1), x.device), self.grid.ready(s + 1, h.size(1), x.device)
+                )
+                context = self.upsamples[s](h, index)  # (B, N_s, C): newest ready coarser block
+                if self.concat:
+                    inputs = self.combine[s](torch.cat([inputs, context], dim=-1))
+                else:
+                    inputs = inputs + context
+            h = self.stacks[s](inputs, inner_states)
+        return h

@@ -1,0 +1,106 @@
+"""Pre-norm Transformer layers whose attention may read a memory that mixes several scales.
+
+Attention goes through ``F.scaled_dot_product_attention`` with either ``is_causal`` (self-attention within one
+scale) or a boolean block mask from ``causal_block_mask`` (reading other scales): no T x T score matrix is
+kept for backward (design.md §6). Masks are boolean, so they work unchanged under fp16/bf16.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.modules import FairseqDropout, LayerNorm
+
+
+class MultiScaleAttention(nn.Module):
+    """Multi-head attention of queries (B, Tq, C) over a memory (B, Tk, C)."""
+
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} attention heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)  # as fairseq's MultiheadAttention
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, n, _ = x.shape
+        return x.view(bsz, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def keys_values(self, memory: torch.Tensor):
+        """(B, Tk, C) -> keys and values, each (B, H, Tk, D)."""
+        return self.split_heads(self.k_proj(memory)), self.split_heads(self.v_proj(memory))
+
+    def attend(self, query, keys, values, mask: Optional[torch.Tensor] = None, causal: bool = False):
+        """query (B, Tq, C), keys/values (B, H, Tk, D), mask (Tq, Tk) or (B|1, H|1, Tq, Tk) bool -> (B, Tq, C)."""
+        q = self.split_heads(self.q_proj(query))  # (B, H, Tq, D)
+        out = F.scaled_dot_product_attention(
+            q, keys, values,
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )  # (B, H, Tq, D)
+        bsz, _, tq, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, tq, -1))
+
+    def forward(self, query, memory, mask=None, causal=False):
+        keys, values = self.keys_values(memory)
+        return self.attend(query, keys, values, mask=mask, causal=causal)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm layer: x + Attn(LN(x) -> memory), then x + FFN(LN(x)).
+
+    Without ``extra_memory`` it is causal self-attention within one scale. With it, the queries read
+    [LN(x); extra_memory] under ``mask`` (the bottom-up aggregation layer: tokens read tokens and blocks).
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        dim = args.decoder_embed_dim
+        self.attn_norm = LayerNorm(dim)
+        self.attn = MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout)
+        self.ffn_norm = LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, args.decoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(args.decoder_ffn_embed_dim, dim)
+        self.activation_fn = utils.get_activation_fn(args.activation_fn)
+        self.dropout = FairseqDropout(args.dropout, module_name=type(self).__name__)
+        self.activation_dropout = FairseqDropout(args.activation_dropout, module_name=type(self).__name__)
+
+    def forward(self, x, extra_memory=None, mask=None):
+        h = self.attn_norm(x)
+        if extra_memory is None:
+            x = x + self.dropout(self.attn(h, h, causal=True))
+        else:
+            memory = torch.cat([h, extra_memory], dim=1)  # (B, T + sum_s N_s, C)
+            x = x + self.dropout(self.attn(h, memory, mask=mask))
+        h = self.activation_dropout(self.activation_fn(self.fc1(self.ffn_norm(x))))
+        return x + self.dropout(self.fc2(h))
+
+
+class LayerStack(nn.Module):
+    """n causal self-attention layers at one scale, optionally followed by a LayerNorm.
+
+    Pre-norm stacks leave an unnormalised residual stream; a stack whose output is read by another scale
+    (pooled, upsampled or attended to) ends with ``final_norm``. The decoder's own final norm serves the last one.
+    """
+
+    def __init__(self, args, num_layers: int, final_norm: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(num_layers))
+        self.final_norm = LayerNorm(args.decoder_embed_dim) if final_norm and num_layers > 0 else None
+
+    def forward(self, x, inner_states=None):
+        for layer in self.layers:
+            x = layer(x)
+            if inner_states is not None:
+                inner_states.append(x)
+        return self.final_norm(x) if self.final_norm is not None else x

@@ -1,0 +1,37 @@
+"""Pooling r consecutive elements into one block (mean, max or linear), with the optional Hourglass shift."""
+import torch
+import torch.nn as nn
+
+POOL_TYPES = ("mean", "max", "linear")
+
+
+def shift_right(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, N, C) -> (B, N, C), element i moved to i + steps; zeros enter on the left, the tail falls off."""
+    if steps == 0:
+        return x
+    return torch.cat([x.new_zeros(x.size(0), steps, x.size(2)), x[:, : x.size(1) - steps]], dim=1)
+
+
+class BlockPool(nn.Module):
+    """(B, N, C) -> (B, N / r, C): block j summarises elements [j*r, (j+1)*r).
+
+    With ``hourglass_shift`` the input is first shifted right by r - 1, so block j summarises elements
+    [j*r - r + 1, j*r] (see ``ScaleGrid``). N must be a multiple of r (the decoder pads to the grid).
+    """
+
+    def __init__(self, factor: int, pool_type: str, dim: int, hourglass_shift: bool = False):
+        super().__init__()
+        assert pool_type in POOL_TYPES, pool_type
+        self.factor, self.pool_type, self.hourglass_shift = factor, pool_type, hourglass_shift
+        # linear pooling: concatenate the r elements and project back to C (Funnel/Hourglass "linear")
+        self.proj = nn.Linear(factor * dim, dim) if pool_type == "linear" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, n, dim = x.shape
+        r = self.factor
+        if self.hourglass_shift:
+            x = shift_right(x, r - 1)
+        if self.pool_type == "linear":
+            return self.proj(x.reshape(bsz, n // r, r * dim))
+        blocks = x.reshape(bsz, n // r, r, dim)  # (B, N/r, r, C)
+        return blocks.mean(2) if self.pool_type == "mean" else blocks.amax(2)
