@@ -80,8 +80,11 @@ def _tiny(args):
     """Small enough to train in minutes on a CPU (the demo and the tests)."""
     _defaults(
         args, decoder_embed_dim=64, decoder_ffn_embed_dim=256, decoder_attention_heads=4, pool_factors="4,4",
-        scale_layers="1,1", token_layers=1, dropout=0.1, share_decoder_input_output_embed=True,
+        scale_layers="1,1", token_layers=1, dropout=0.1,
     )
+    # tie input and output embeddings, unless adaptive ones are asked for (--tie-adaptive-weights ties those)
+    adaptive = safe_getattr(args, "adaptive_input", False) or safe_getattr(args, "adaptive_softmax_cutoff", None)
+    _defaults(args, share_decoder_input_output_embed=not adaptive)
 
 
 @register_model_architecture("msformer_lm", "msformer_lm_bottom_up_tiny")

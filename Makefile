@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine (Python 3.11 or 3.12, package registries reachable):
+#   make demo   - set up .venv, train a small bottom-up model on the shipped corpus, score it, sample from it
+#   make test   - set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FAIRSEQ_BUILD ?= ve-fairseq==0.12.3
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# --system-site-packages: a torch that is already installed (a cluster's CUDA build) is used as it is;
+# torch==2.13.0 is installed only when none can be imported.
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(FAIRSEQ_BUILD)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "import fairseq, torch, numpy; print('fairseq', fairseq.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__)"
+	touch $@
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) checkpoints/demo

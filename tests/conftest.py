@@ -1,0 +1,80 @@
+"""Shared helpers: build small models in-process, and run fairseq's real console scripts."""
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "fairseq_msformer")  # the same path the tests import the package from
+CORPUS = os.path.join(REPO, "data-bin", "pydoc")
+sys.path.insert(0, REPO)
+
+import fairseq_msformer  # noqa: E402  (registers the model and the task)
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.models import ARCH_CONFIG_REGISTRY  # noqa: E402
+from fairseq_msformer.models.config import MsformerLMConfig  # noqa: E402
+from fairseq_msformer.models.msformer_lm import MsformerLanguageModel  # noqa: E402
+
+assert os.path.dirname(fairseq_msformer.__file__) == USER_DIR
+
+
+def make_dictionary(num_words: int) -> Dictionary:
+    d = Dictionary()
+    for i in range(num_words):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def build_model(arch="msformer_lm_bottom_up", vocab_words=40, tokens_per_sample=64, seed=0, **options):
+    """A tiny msformer_lm built the way fairseq builds it: CLI options > arch preset > dataclass defaults."""
+    torch.manual_seed(seed)
+    small = dict(decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0)
+    args = argparse.Namespace(**{**small, **options})
+    ARCH_CONFIG_REGISTRY[arch](args)
+    for f in fields(MsformerLMConfig):
+        if not hasattr(args, f.name) or getattr(args, f.name) is None:
+            default = f.default if f.default is not MISSING else None
+            setattr(args, f.name, None if isinstance(default, str) and default.startswith("${") else default)
+    args.tokens_per_sample = tokens_per_sample
+    dictionary = make_dictionary(vocab_words)
+    task = SimpleNamespace(
+        source_dictionary=dictionary, target_dictionary=dictionary,
+        args=SimpleNamespace(tokens_per_sample=tokens_per_sample),
+    )
+    model = MsformerLanguageModel.build_model(args, task)
+    return model.eval(), dictionary
+
+
+def random_tokens(dictionary, bsz, length, generator=None):
+    low = dictionary.nspecial
+    return torch.randint(low, len(dictionary), (bsz, length), generator=generator)
+
+
+def log_probs(model, tokens, **kwargs):
+    net_output = model(tokens, **kwargs)
+    return model.get_normalized_probs(net_output, log_probs=True)  # (B, T, V), fp32
+
+
+def fairseq_cli(name, *args, cwd=None, check=True, stdin=None, timeout=600):
+    """Run a fairseq console script from this interpreter's environment; returns the CompletedProcess."""
+    exe = os.path.join(os.path.dirname(sys.executable), name)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(
+        [exe, *map(str, args)], cwd=cwd or REPO, input=stdin, capture_output=True, text=True, env=env,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    if not os.path.exists(os.path.join(CORPUS, "dict.txt")):
+        pytest.fail(f"the shipped corpus is missing: {CORPUS} (rebuild with scripts/prepare_pydoc.sh)")
+    return CORPUS
