@@ -143,7 +143,7 @@ and deterministically:
    prose inside notes, version notes and API descriptions is kept; wrapped lines are joined, so
    every paragraph is one line. Headings are WikiText-style lines (`= Title =`, `= = Section = =`).
    Documents are separated by an empty line (usable with `--sample-break-mode complete_doc`).
-3. Tokenized with sacremoses (`MosesTokenizer(lang="en")`, `escape=False`, case kept; Python
+3. Tokenized with sacremoses (`MosesTokenizer(lang="en")`, `escape=False`, `aggressive_dash_splits=True` as fairseq's `--tokenizer moses --moses-no-escape`, case kept; Python
    identifiers with underscores such as `sys.exc_info` are kept whole).
 4. Split by document: in SHA-1 order of their paths, documents fill valid, then test, up to 5% of
    the tokens each; the rest is train.

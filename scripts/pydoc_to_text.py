@@ -472,7 +472,9 @@ def _tokenize_document(job):
         _tokenizer = MosesTokenizer(lang="en")
     out = []
     for level, text in job:
-        tokens = _tokenizer.tokenize(text, escape=False, return_str=True,
+        # aggressive dash splits ("built @-@ in"), no escaping: what fairseq-interactive's
+        # `--tokenizer moses --moses-no-escape` does to a prompt, and WikiText-103's convention
+        tokens = _tokenizer.tokenize(text, escape=False, return_str=True, aggressive_dash_splits=True,
                                      protected_patterns=PROTECTED_PATTERNS).split()
         if not tokens:
             continue

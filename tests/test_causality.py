@@ -42,6 +42,12 @@ def top_down_model(factors, layers, pool, combine, rule, adaptive):
     return build_model("msformer_lm_top_down", **options)
 
 
+def retina_model(factors, windows, pool, layers, adaptive):
+    options = dict(pool_factors=factors, retina_windows=windows, pool_type=pool, token_layers=layers,
+                   **(ADAPTIVE if adaptive else {}))
+    return build_model("msformer_lm_retina", **options)
+
+
 CASES = [pytest.param(bottom_up_model, c, id="bottom_up-" + "-".join(map(str, c))) for c in BOTTOM_UP] + [
     pytest.param(top_down_model, c, id="top_down-" + "-".join(map(str, c))) for c in TOP_DOWN
 ]
@@ -80,7 +86,13 @@ def test_no_future_leakage(make_model, config):
     assert_no_leak(model, dictionary)
 
 
-@pytest.mark.parametrize("make_model,config", CASES[2:4] + CASES[-2:])
+PADDING_CASES = CASES[2:4] + CASES[-2:] + [
+    pytest.param(retina_model, ("4,4", "12,40,-1", "mean", 2, True), id="retina-12,40,-1"),
+    pytest.param(retina_model, ("2,2", "6,14,22", "linear", 2, False), id="retina-6,14,22"),
+]
+
+
+@pytest.mark.parametrize("make_model,config", PADDING_CASES)
 def test_right_padding_never_changes_real_positions(make_model, config):
     """A short row in a right-padded batch scores exactly as it does alone (any length, on or off the grid)."""
     model, dictionary = make_model(*config)
@@ -92,3 +104,21 @@ def test_right_padding_never_changes_real_positions(make_model, config):
         alone = log_probs(model, batch[:1, :length])
         in_batch = log_probs(model, padded)[:1, :length]
         torch.testing.assert_close(in_batch, alone, rtol=0, atol=1e-5)
+
+
+RETINA = [
+    # (pool_factors, retina_windows, pool_type, token_layers, adaptive) -- sample length 37, padded to the grid
+    ("4", "8,-1", "mean", 2, False),
+    ("4,4", "16,48,-1", "mean", 2, False),
+    ("4,4", "12,40,-1", "max", 1, True),  # windows that do not divide the sample length
+    ("2,2", "5,9,-1", "linear", 2, False),
+    ("2,2", "6,14,22", "mean", 2, True),  # bounded last scale: the oldest tokens are not read at all
+    ("3,2", "7,16,-1;20,40,-1", "mean", 2, False),  # per-layer windows
+    ("2,2,2", "3,9,17,-1", "linear", 1, False),
+]
+
+
+@pytest.mark.parametrize("config", RETINA, ids=["-".join(map(str, c)) for c in RETINA])
+def test_retina_no_future_leakage(config):
+    model, dictionary = retina_model(*config)
+    assert_no_leak(model, dictionary)

@@ -8,6 +8,7 @@ CONFIGS = [
     ("msformer_lm_bottom_up", dict(pool_factors="2,2", scale_layers="1,1", token_layers_before_pooling=1)),
     ("msformer_lm_bottom_up", dict(pool_factors="4,2", scale_layers="1,1", shift_rule="hourglass")),
     ("msformer_lm_top_down", dict(pool_factors="2,3", scale_layers="1,1", top_down_combine="concat")),
+    ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1")),
 ]
 
 

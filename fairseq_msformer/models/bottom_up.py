@@ -12,7 +12,7 @@ from ..modules import BlockPool, LayerStack, TransformerBlock, causal_block_mask
 
 
 class BottomUp(nn.Module):
-    def __init__(self, args, grid, scale_layers):
+    def __init__(self, args, grid, plan):
         super().__init__()
         self.grid = grid
         dim = args.decoder_embed_dim
@@ -21,7 +21,7 @@ class BottomUp(nn.Module):
             BlockPool(r, args.pool_type, dim, hourglass_shift=grid.hourglass) for r in grid.pool_factors
         )
         self.positions = coarse_scale_positions(args, grid)
-        self.scales = nn.ModuleList(LayerStack(args, n) for n in scale_layers)
+        self.scales = nn.ModuleList(LayerStack(args, n) for n in plan.scale_layers)
         self.aggregate = TransformerBlock(args)
         self.token_layers = LayerStack(args, args.token_layers, final_norm=False)
 

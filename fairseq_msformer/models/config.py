@@ -1,6 +1,6 @@
 """Options of the msformer_lm model, and the checks that stop a bad combination before training starts."""
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -50,6 +50,13 @@ class MsformerLMConfig(FairseqDataclass):
         default="add",
         metadata={"help": "top-down only: add the upsampled coarse states to the finer scale's pooled "
                           "embeddings, or concatenate and project"},
+    )
+    retina_windows: str = field(
+        default="64,256,-1",
+        metadata={"help": "retina only: how far back (in tokens) each scale reads, finest first: the first value "
+                          "is the full-resolution window W, then one horizon per coarse scale, increasing; -1 as "
+                          "the last value reads all older blocks. One group for all layers, or one group per "
+                          "layer separated by ';' (e.g. '32,128,-1;32,128,-1;128,512,-1;128,512,-1')"},
     )
     # --- layer sizes ---
     decoder_embed_dim: int = field(default=512, metadata={"help": "model width at every scale"})
@@ -104,8 +111,63 @@ def int_list(option: str, value) -> List[int]:
         raise MsformerConfigError(f"{option}: expected comma-separated integers, got '{value}'") from None
 
 
-def check_config(args, vocab_size: int, tokens_per_sample: int):
-    """Validate model options together with the task; returns (pool_factors, scale_layers).
+@dataclass
+class ScalePlan:
+    """The parsed, validated scale options a family body is built from."""
+
+    pool_factors: List[int]
+    scale_layers: List[int]  # layers per coarse scale (bottom-up, top-down)
+    retina_layers: List[Tuple[int, List[int]]]  # retina: per layer (window W, blocks per coarse scale; -1 = all)
+
+
+def retina_plan(args, factors: List[int], tokens_per_sample: int) -> List[Tuple[int, List[int]]]:
+    """'--retina-windows' horizons -> per layer (W, [n_1, .., n_{S-1}] blocks), or a one-line error."""
+    option = "--retina-windows"
+    groups = [g for g in str(args.retina_windows).split(";") if g.strip()]
+    if len(groups) not in (1, args.token_layers):
+        raise MsformerConfigError(
+            f"{option}: give one group of windows for all layers or one per layer ({args.token_layers}), "
+            f"got {len(groups)}"
+        )
+    block_lengths = [1]
+    for r in factors:
+        block_lengths.append(block_lengths[-1] * r)
+    layers = []
+    for group in groups:
+        horizons = int_list(option, group)
+        if len(horizons) != len(block_lengths):
+            raise MsformerConfigError(
+                f"{option}: '{group}' needs one window per scale ({len(block_lengths)}: tokens, then each "
+                f"pooling factor)"
+            )
+        if any(h == 0 or h < -1 for h in horizons) or -1 in horizons[:-1]:
+            raise MsformerConfigError(
+                f"{option}: '{group}' has an empty scale: windows must be >= 1 (-1, 'all older', only last)"
+            )
+        if horizons[0] > tokens_per_sample:
+            raise MsformerConfigError(
+                f"{option}: window {horizons[0]} is larger than a sample (--tokens-per-sample {tokens_per_sample})"
+            )
+        blocks = []
+        for s in range(1, len(horizons)):
+            if horizons[s] == -1:
+                blocks.append(-1)
+                continue
+            if horizons[s] <= horizons[s - 1]:
+                raise MsformerConfigError(f"{option}: '{group}' is unordered: horizons must increase with the scale")
+            span = horizons[s] - horizons[s - 1]
+            if span < block_lengths[s]:
+                raise MsformerConfigError(
+                    f"{option}: '{group}' overlaps: scale {s} reaches only {span} tokens past scale {s - 1}, "
+                    f"less than one of its {block_lengths[s]}-token blocks"
+                )
+            blocks.append(-(-span // block_lengths[s]))
+        layers.append((horizons[0], blocks))
+    return layers * args.token_layers if len(groups) == 1 else layers
+
+
+def check_config(args, vocab_size: int, tokens_per_sample: int) -> ScalePlan:
+    """Validate model options together with the task; returns the parsed ScalePlan.
 
     Every message starts with the option to change, so that the CLI's one-line error says what to do.
     """
@@ -175,4 +237,12 @@ def check_config(args, vocab_size: int, tokens_per_sample: int):
             raise MsformerConfigError(
                 "--tie-adaptive-weights: adaptive input and softmax need the same cutoffs and factors"
             )
-    return factors, scale_layers
+    if args.family == "retina":
+        if args.token_layers < 1:
+            raise MsformerConfigError("--token-layers: retina needs at least one (token-level) layer")
+        if args.shift_rule != "complete":
+            raise MsformerConfigError("--shift-rule: retina reads complete blocks only; use 'complete'")
+        retina_layers = retina_plan(args, factors, tokens_per_sample)
+    else:
+        retina_layers = []
+    return ScalePlan(factors, scale_layers, retina_layers)

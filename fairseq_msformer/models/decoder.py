@@ -17,19 +17,20 @@ from fairseq.utils import eval_str_list
 
 from ..modules import ScaleGrid
 from .bottom_up import BottomUp
+from .retina import Retina
 from .top_down import TopDown
 
 logger = logging.getLogger(__name__)
 
-FAMILY_BODIES = {"bottom_up": BottomUp, "top_down": TopDown}
+FAMILY_BODIES = {"bottom_up": BottomUp, "top_down": TopDown, "retina": Retina}
 
 
 class MsformerDecoder(FairseqIncrementalDecoder):
-    def __init__(self, args, dictionary, embed_tokens, pool_factors, scale_layers):
+    def __init__(self, args, dictionary, embed_tokens, plan):
         super().__init__(dictionary)
         dim = args.decoder_embed_dim
         self.max_target_positions = args.max_target_positions
-        self.grid = ScaleGrid(pool_factors, args.shift_rule)
+        self.grid = ScaleGrid(plan.pool_factors, args.shift_rule)
 
         self.embed_tokens = embed_tokens
         self.embed_scale = 1.0 if args.no_scale_embedding else dim**0.5
@@ -41,7 +42,7 @@ class MsformerDecoder(FairseqIncrementalDecoder):
             )
         )
         self.dropout_module = FairseqDropout(args.dropout, module_name=type(self).__name__)
-        self.body = FAMILY_BODIES[args.family](args, self.grid, scale_layers)
+        self.body = FAMILY_BODIES[args.family](args, self.grid, plan)
         self.layer_norm = LayerNorm(dim)
 
         self.adaptive_softmax = None

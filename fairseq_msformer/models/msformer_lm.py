@@ -22,7 +22,7 @@ class MsformerLanguageModel(FairseqLanguageModel):
         if safe_getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = tokens_per_sample
         dictionary = task.source_dictionary
-        pool_factors, scale_layers = check_config(args, len(dictionary), tokens_per_sample)
+        plan = check_config(args, len(dictionary), tokens_per_sample)
 
         if args.adaptive_input:
             embed_tokens = AdaptiveInput(
@@ -37,18 +37,22 @@ class MsformerLanguageModel(FairseqLanguageModel):
             )
         else:
             embed_tokens = Embedding(len(dictionary), args.decoder_embed_dim, dictionary.pad())
-        decoder = MsformerDecoder(args, task.target_dictionary, embed_tokens, pool_factors, scale_layers)
-        logger.info(describe_scales(args, decoder.grid, scale_layers, tokens_per_sample))
+        decoder = MsformerDecoder(args, task.target_dictionary, embed_tokens, plan)
+        logger.info(describe_scales(args, decoder.grid, plan, tokens_per_sample))
         return cls(decoder)
 
 
-def describe_scales(args, grid, scale_layers, tokens_per_sample):
+def describe_scales(args, grid, plan, tokens_per_sample):
     """One log line: the positions and layers each scale runs for one sample."""
     parts = []
     for s, k in enumerate(grid.block_lengths):
         n = -(-tokens_per_sample // k)
-        layers = args.token_layers if s == 0 else scale_layers[s - 1]
-        parts.append(f"scale {s}: {n} x {k}-token blocks, {layers} layers")
+        if args.family == "retina":
+            read = sorted({(w if s == 0 else blocks[s - 1]) for w, blocks in plan.retina_layers})
+            parts.append(f"scale {s}: {k}-token blocks, read {'/'.join(map(str, read))} {'tokens' if s == 0 else 'blocks'}")
+        else:
+            layers = args.token_layers if s == 0 else plan.scale_layers[s - 1]
+            parts.append(f"scale {s}: {n} x {k}-token blocks, {layers} layers")
     return f"msformer {args.family} ({args.shift_rule} rule, {args.pool_type} pooling): " + "; ".join(parts)
 
 
@@ -76,6 +80,11 @@ def msformer_lm_top_down(args):
     _family(args, "top_down")
 
 
+@register_model_architecture("msformer_lm", "msformer_lm_retina")
+def msformer_lm_retina(args):
+    _family(args, "retina")
+
+
 def _tiny(args):
     """Small enough to train in minutes on a CPU (the demo and the tests)."""
     _defaults(
@@ -97,6 +106,13 @@ def msformer_lm_bottom_up_tiny(args):
 def msformer_lm_top_down_tiny(args):
     _tiny(args)
     msformer_lm_top_down(args)
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_retina_tiny")
+def msformer_lm_retina_tiny(args):
+    _defaults(args, token_layers=2, retina_windows="16,48,-1")
+    _tiny(args)
+    msformer_lm_retina(args)
 
 
 def _wiki103(args):
@@ -123,3 +139,12 @@ def msformer_lm_top_down_wiki103(args):
     _defaults(args, pool_factors="4,4", scale_layers="4,6", token_layers=6)
     _wiki103(args)
     msformer_lm_top_down(args)
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_retina_wiki103")
+def msformer_lm_retina_wiki103(args):
+    # 16 token-level layers: short range in the lower half, long range on top (Rae & Razavi 2020)
+    low, high = "64,256,-1", "256,1024,-1"
+    _defaults(args, pool_factors="4,4", token_layers=16, retina_windows=";".join([low] * 8 + [high] * 8))
+    _wiki103(args)
+    msformer_lm_retina(args)

@@ -12,7 +12,7 @@ from ..modules import BlockPool, CausalUpsample, LayerStack, coarse_scale_positi
 
 
 class TopDown(nn.Module):
-    def __init__(self, args, grid, scale_layers):
+    def __init__(self, args, grid, plan):
         super().__init__()
         self.grid = grid
         dim = args.decoder_embed_dim
@@ -23,7 +23,7 @@ class TopDown(nn.Module):
         # stacks[s] runs at scale s; stacks[0] is token level (its output goes to the decoder's final norm)
         self.stacks = nn.ModuleList(
             [LayerStack(args, args.token_layers, final_norm=False)]
-            + [LayerStack(args, n) for n in scale_layers]
+            + [LayerStack(args, n) for n in plan.scale_layers]
         )
         # upsamples[s] carries scale s + 1 down to scale s
         self.upsamples = nn.ModuleList(CausalUpsample(dim) for _ in grid.pool_factors)

@@ -55,6 +55,10 @@ class MultiScaleAttention(nn.Module):
         keys, values = self.keys_values(memory)
         return self.attend(query, keys, values, mask=mask, causal=causal)
 
+    def self_attention(self, x):
+        """Causal self-attention within one scale: (B, N, C) -> (B, N, C)."""
+        return self(x, x, causal=True)
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm layer: x + Attn(LN(x) -> memory), then x + FFN(LN(x)).
@@ -63,11 +67,12 @@ class TransformerBlock(nn.Module):
     [LN(x); extra_memory] under ``mask`` (the bottom-up aggregation layer: tokens read tokens and blocks).
     """
 
-    def __init__(self, args):
+    def __init__(self, args, attention: Optional[nn.Module] = None):
         super().__init__()
         dim = args.decoder_embed_dim
         self.attn_norm = LayerNorm(dim)
-        self.attn = MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout)
+        # any module with .self_attention(x) (and, for extra_memory, MultiScaleAttention's call signature)
+        self.attn = attention or MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout)
         self.ffn_norm = LayerNorm(dim)
         self.fc1 = nn.Linear(dim, args.decoder_ffn_embed_dim)
         self.fc2 = nn.Linear(args.decoder_ffn_embed_dim, dim)
@@ -78,7 +83,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, extra_memory=None, mask=None):
         h = self.attn_norm(x)
         if extra_memory is None:
-            x = x + self.dropout(self.attn(h, h, causal=True))
+            x = x + self.dropout(self.attn.self_attention(h))
         else:
             memory = torch.cat([h, extra_memory], dim=1)  # (B, T + sum_s N_s, C)
             x = x + self.dropout(self.attn(h, memory, mask=mask))
