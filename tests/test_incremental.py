@@ -1,24 +1,78 @@
-"""design.md §4.2: decoding token by token with incremental_state equals one full forward pass."""
+"""design.md §4.2: incremental decoding (per-scale caches) equals the full pass; beam search stays right."""
 import pytest
 import torch
+from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import build_model, log_probs, random_tokens
 
-CONFIGS = [
-    ("msformer_lm_bottom_up", dict(pool_factors="2,2", scale_layers="1,1", token_layers_before_pooling=1)),
-    ("msformer_lm_bottom_up", dict(pool_factors="4,2", scale_layers="1,1", shift_rule="hourglass")),
-    ("msformer_lm_top_down", dict(pool_factors="2,3", scale_layers="1,1", top_down_combine="concat")),
-    ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1")),
-]
+ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff="10,20", adaptive_softmax_cutoff="10,20",
+                tie_adaptive_weights=True, adaptive_input_factor=2, adaptive_softmax_factor=2)
+CONFIGS = {  # 40 tokens cross several block boundaries at every scale of each config
+    "bottom_up-2,2-before": ("msformer_lm_bottom_up", dict(pool_factors="2,2", scale_layers="1,2",
+                                                           token_layers_before_pooling=1)),
+    "bottom_up-4,4-linear": ("msformer_lm_bottom_up", dict(pool_factors="4,4", scale_layers="1,1",
+                                                           pool_type="linear", **ADAPTIVE)),
+    "bottom_up-4,2-hourglass": ("msformer_lm_bottom_up", dict(pool_factors="4,2", scale_layers="1,1",
+                                                              shift_rule="hourglass", pool_type="max")),
+    "bottom_up-2,2,2": ("msformer_lm_bottom_up", dict(pool_factors="2,2,2", scale_layers="1,1,1")),
+    "top_down-2,3-concat": ("msformer_lm_top_down", dict(pool_factors="2,3", scale_layers="1,1",
+                                                         top_down_combine="concat")),
+    "top_down-4,4-hourglass": ("msformer_lm_top_down", dict(pool_factors="4,4", scale_layers="1,1",
+                                                            shift_rule="hourglass", pool_type="linear")),
+    "top_down-2,2,2-adaptive": ("msformer_lm_top_down", dict(pool_factors="2,2,2", scale_layers="1,1,1",
+                                                             decoder_learned_pos=True, **ADAPTIVE)),
+    "retina-2,2-unbounded": ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1")),
+    "retina-4,4-per-layer": ("msformer_lm_retina", dict(pool_factors="4,4", retina_windows="6,22,-1;12,40,-1")),
+    "retina-2,2-bounded-linear": ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="3,7,15",
+                                                             pool_type="linear", **ADAPTIVE)),
+    "retina-3,2,2-max": ("msformer_lm_retina", dict(pool_factors="3,2,2", retina_windows="4,10,22,-1",
+                                                    pool_type="max")),
+}
 
 
-@pytest.mark.parametrize("arch,options", CONFIGS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CONFIGS)])
-def test_incremental_equals_full_pass(arch, options):
-    model, dictionary = build_model(arch, token_layers=1, **options)
-    tokens = random_tokens(dictionary, 3, 29, torch.Generator().manual_seed(3))
+def model_for(name):
+    arch, options = CONFIGS[name]
+    return build_model(arch, token_layers=2, **options)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_incremental_equals_full_pass(name):
+    model, dictionary = model_for(name)
+    tokens = random_tokens(dictionary, 3, 40, torch.Generator().manual_seed(3))
+    full = log_probs(model, tokens)
+    state, steps = {}, []
+    with torch.no_grad():
+        for t in range(1, tokens.size(1) + 1):  # the generator passes the whole prefix at every step
+            steps.append(log_probs(model, tokens[:, :t], incremental_state=state)[:, -1])
+    torch.testing.assert_close(torch.stack(steps, dim=1), full.detach(), rtol=0, atol=1e-5)
+
+
+def test_incremental_catches_up_on_a_whole_prompt():
+    """A first call with a whole prompt (not one token) fills the caches position by position."""
+    model, dictionary = model_for("bottom_up-2,2-before")
+    tokens = random_tokens(dictionary, 2, 19, torch.Generator().manual_seed(4))
     full = log_probs(model, tokens)
     state = {}
-    steps = []
-    for t in range(1, tokens.size(1) + 1):  # the generator passes the whole prefix at every step
-        steps.append(log_probs(model, tokens[:, :t], incremental_state=state)[:, -1])
-    torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        log_probs(model, tokens[:, :11], incremental_state=state)
+        last = log_probs(model, tokens, incremental_state=state)[:, -1]
+    torch.testing.assert_close(last, full[:, -1].detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bottom_up-4,2-hourglass", "top_down-2,2,2-adaptive", "retina-2,2-bounded-linear"])
+def test_beam_search_scores_equal_full_pass(name):
+    """SequenceGenerator with beam 4 (reorder_incremental_state at every step): each hypothesis's per-token
+    scores equal what one full forward pass gives the same tokens."""
+    model, dictionary = model_for(name)
+    generator = SequenceGenerator([model], dictionary, beam_size=4, max_len_b=30, min_len=25)
+    prefix = random_tokens(dictionary, 2, 5, torch.Generator().manual_seed(5))
+    sample = {"net_input": {"src_tokens": prefix, "src_lengths": torch.full((2,), 5)}}
+    with torch.no_grad():
+        hypotheses = generator.generate([model], sample, prefix_tokens=prefix, bos_token=dictionary.eos())
+        for row in hypotheses:
+            assert len(row) == 4
+            for hypo in row:
+                target = hypo["tokens"].unsqueeze(0)  # (1, L), ends with eos
+                inputs = torch.cat([target.new_full((1, 1), dictionary.eos()), target[:, :-1]], dim=1)
+                scores = log_probs(model, inputs).gather(-1, target.unsqueeze(-1)).squeeze(-1)[0]
+                torch.testing.assert_close(hypo["positional_scores"], scores, rtol=0, atol=1e-4)

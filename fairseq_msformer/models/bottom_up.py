@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..modules import BlockPool, LayerStack, TransformerBlock, causal_block_mask, coarse_scale_positions
+from ..modules.attention import append_cache
 
 
 class BottomUp(nn.Module):
@@ -39,3 +40,23 @@ class BottomUp(nn.Module):
         x = self.aggregate(x, extra_memory=torch.cat(blocks, dim=1), mask=mask)
         inner_states.append(x)
         return self.token_layers(x, inner_states)
+
+    def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+        """Incremental decoding of token t, x (B, 1, C). A block is pooled and run through its scale's layers
+        the step it completes; the aggregation layer then reads every cached token and block."""
+        x = self.token_layers_before.step(x, t, cache, "before")
+        h, new_blocks = x, []
+        for s, (pool, positions, layers) in enumerate(zip(self.pools, self.positions, self.scales), start=1):
+            h = pool.step(h, cache, f"pool{s}")
+            if h is None:  # scale s (and every coarser one) has no new block at t
+                break
+            h = layers.step(positions(h, offset=self.grid.newest_block(s, t)), t, cache, f"scale{s}")
+            new_blocks.append(h)
+        attn = self.aggregate.attn
+        if new_blocks:
+            blocks = torch.cat(new_blocks, dim=1)  # (B, n_new, C)
+            append_cache(cache, "aggregate.blocks.k", attn.k_proj(blocks))
+            append_cache(cache, "aggregate.blocks.v", attn.v_proj(blocks))
+        extra_kv = (cache["aggregate.blocks.k"], cache["aggregate.blocks.v"]) if "aggregate.blocks.k" in cache else None
+        x = self.aggregate.step(x, t, cache, "aggregate", extra_kv=extra_kv)
+        return self.token_layers.step(x, t, cache, "after")

@@ -79,9 +79,9 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         return x, extra
 
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
-        # prev_output_tokens: (B, T). Generation passes the whole prefix at every step; this decoder
-        # recomputes it and returns the last position (exact; per-scale caches are future work).
-        bsz, seq_len = prev_output_tokens.shape
+        if incremental_state is not None:
+            return self.extract_features_incremental(prev_output_tokens, incremental_state)
+        bsz, seq_len = prev_output_tokens.shape  # (B, T)
         x = self.embed_scale * self.embed_tokens(prev_output_tokens)  # (B, T, C)
         if self.embed_positions is not None:
             x = x + self.embed_positions(prev_output_tokens)
@@ -94,9 +94,26 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         inner_states = [x]
         x = self.body(x, inner_states)
         x = self.layer_norm(x[:, :seq_len])  # (B, T, C): real positions only
-        if incremental_state is not None:
-            x = x[:, -1:]
         return x, {"attn": [None], "inner_states": inner_states}
+
+    def extract_features_incremental(self, prev_output_tokens, incremental_state):
+        """Generation passes the whole prefix (B, T) at every step: run only the positions not yet cached
+        (one, normally) through the family's per-scale caches and return the newest position's features."""
+        cache = self.get_incremental_state(incremental_state, "cache") or {}
+        done = int(cache["length"][0, 0]) if "length" in cache else 0
+        seq_len = prev_output_tokens.size(1)
+        if done >= seq_len:
+            raise ValueError(f"incremental_state already holds {done} positions; got a prefix of {seq_len}")
+        for t in range(done, seq_len):
+            prefix = prev_output_tokens[:, : t + 1]
+            x = self.embed_scale * self.embed_tokens(prefix[:, -1:])  # (B, 1, C)
+            if self.embed_positions is not None:  # fairseq's positional modules give position t when incremental
+                x = x + self.embed_positions(prefix, incremental_state={})
+            x = self.body.step(self.dropout_module(x), t, cache)
+        cache["length"] = prev_output_tokens.new_full((prev_output_tokens.size(0), 1), seq_len)  # (B, 1)
+        self.set_incremental_state(incremental_state, "cache", cache)
+        x = self.layer_norm(x)
+        return x, {"attn": [None], "inner_states": [x]}
 
     def output_layer(self, features):
         if self.adaptive_softmax is not None:
@@ -109,5 +126,8 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         return min(self.max_target_positions, self.embed_positions.max_positions)
 
     def reorder_incremental_state(self, incremental_state, new_order):
-        # nothing is cached between steps yet: the prefix is recomputed at each step
-        pass
+        """Beam search: every cached tensor is batch-first (B, ...)."""
+        cache = self.get_incremental_state(incremental_state, "cache")
+        if cache is not None:
+            cache = {name: value.index_select(0, new_order) for name, value in cache.items()}
+            self.set_incremental_state(incremental_state, "cache", cache)

@@ -24,3 +24,8 @@ class Retina(nn.Module):
             x = layer(x)
             inner_states.append(x)
         return x
+
+    def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, t, cache, f"layer{i}")
+        return x

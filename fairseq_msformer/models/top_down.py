@@ -50,3 +50,30 @@ class TopDown(nn.Module):
                     inputs = inputs + context
             h = self.stacks[s](inputs, inner_states)
         return h
+
+    def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+        """Incremental decoding of token t, x (B, 1, C): the scales that complete a block at t run coarse to
+        fine, each reading the newest state of the scale above (cached from an earlier step if it has none now)."""
+        pyramid = [x]  # the elements formed at t, finest first
+        for s, pool in enumerate(self.pools, start=1):
+            pooled = pool.step(pyramid[-1], cache, f"pool{s}")
+            if pooled is None:
+                break
+            pyramid.append(pooled)
+        h = None
+        for s in reversed(range(len(pyramid))):
+            inputs = pyramid[s]
+            if s > 0:
+                inputs = self.positions[s - 1](inputs, offset=self.grid.newest_block(s, t))
+            if s + 1 < self.grid.num_scales:
+                context = h if h is not None else cache.get(f"newest{s + 1}")
+                if context is None:  # no block of scale s + 1 is ready yet
+                    context = self.upsamples[s].no_context.to(inputs).expand_as(inputs)
+                if self.concat:
+                    inputs = self.combine[s](torch.cat([inputs, context], dim=-1))
+                else:
+                    inputs = inputs + context
+            h = self.stacks[s].step(inputs, t, cache, f"scale{s}")
+            if s > 0:
+                cache[f"newest{s}"] = h
+        return h

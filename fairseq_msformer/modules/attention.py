@@ -13,6 +13,16 @@ from fairseq import utils
 from fairseq.modules import FairseqDropout, LayerNorm
 
 
+def append_cache(cache: dict, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Incremental decoding: append (B, n, C) to cache[name] along time; returns the whole cached tensor.
+
+    Every cached tensor is batch-first, so beam search reorders them all with index_select(0, order).
+    """
+    old = cache.get(name)
+    cache[name] = value if old is None else torch.cat([old, value], dim=1)
+    return cache[name]
+
+
 class MultiScaleAttention(nn.Module):
     """Multi-head attention of queries (B, Tq, C) over a memory (B, Tk, C)."""
 
@@ -59,6 +69,15 @@ class MultiScaleAttention(nn.Module):
         """Causal self-attention within one scale: (B, N, C) -> (B, N, C)."""
         return self(x, x, causal=True)
 
+    def step(self, x, t: int, cache: dict, name: str, extra_kv=None):
+        """Incremental: x (B, 1, C) reads every cached element of its scale, itself, and `extra_kv`
+        (projected keys/values (B, M, C) of other scales' ready blocks)."""
+        keys = append_cache(cache, name + ".k", self.k_proj(x))  # (B, n, C)
+        values = append_cache(cache, name + ".v", self.v_proj(x))
+        if extra_kv is not None:
+            keys, values = torch.cat([keys, extra_kv[0]], dim=1), torch.cat([values, extra_kv[1]], dim=1)
+        return self.attend(x, self.split_heads(keys), self.split_heads(values))
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm layer: x + Attn(LN(x) -> memory), then x + FFN(LN(x)).
@@ -87,8 +106,17 @@ class TransformerBlock(nn.Module):
         else:
             memory = torch.cat([h, extra_memory], dim=1)  # (B, T + sum_s N_s, C)
             x = x + self.dropout(self.attn(h, memory, mask=mask))
+        return self.feed_forward(x)
+
+    def feed_forward(self, x):
         h = self.activation_dropout(self.activation_fn(self.fc1(self.ffn_norm(x))))
         return x + self.dropout(self.fc2(h))
+
+    def step(self, x, t: int, cache: dict, name: str, extra_kv=None):
+        """Incremental decoding of one new element x (B, 1, C) at position t (see the attention's step)."""
+        h = self.attn_norm(x)
+        x = x + self.dropout(self.attn.step(h, t, cache, name, extra_kv=extra_kv))
+        return self.feed_forward(x)
 
 
 class LayerStack(nn.Module):
@@ -108,4 +136,9 @@ class LayerStack(nn.Module):
             x = layer(x)
             if inner_states is not None:
                 inner_states.append(x)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def step(self, x, t: int, cache: dict, name: str):
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, t, cache, f"{name}.{i}")
         return self.final_norm(x) if self.final_norm is not None else x

@@ -27,11 +27,28 @@ class BlockPool(nn.Module):
         self.proj = nn.Linear(factor * dim, dim) if pool_type == "linear" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hourglass_shift:
+            x = shift_right(x, self.factor - 1)
+        return self.pool(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N / r, C), no shift."""
         bsz, n, dim = x.shape
         r = self.factor
-        if self.hourglass_shift:
-            x = shift_right(x, r - 1)
         if self.pool_type == "linear":
             return self.proj(x.reshape(bsz, n // r, r * dim))
         blocks = x.reshape(bsz, n // r, r, dim)  # (B, N/r, r, C)
         return blocks.mean(2) if self.pool_type == "mean" else blocks.amax(2)
+
+    def step(self, x: torch.Tensor, cache: dict, name: str):
+        """Incremental decoding: x (B, 1, C) is the newest element; returns its new block (B, 1, C) once
+        the r elements of one are in (the shifted-in zeros count for the hourglass rule), else None."""
+        buffer = cache.get(name)
+        if buffer is None and self.hourglass_shift:
+            buffer = x.new_zeros(x.size(0), self.factor - 1, x.size(2))
+        buffer = x if buffer is None else torch.cat([buffer, x], dim=1)
+        if buffer.size(1) < self.factor:
+            cache[name] = buffer
+            return None
+        cache[name] = buffer[:, :0]  # (B, 0, C): the next block starts empty
+        return self.pool(buffer)

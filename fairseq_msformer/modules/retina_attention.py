@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import MultiScaleAttention
+from .attention import MultiScaleAttention, append_cache
 from .pooling import BlockPool
 from .positions import ScalePositions
 
@@ -127,3 +127,38 @@ class RetinaAttention(nn.Module):
         )  # (B*C, H, Q, D)
         out = out.transpose(1, 2).reshape(bsz, chunks * q_len, dim)[:, :length]
         return self.attn.out_proj(out)
+
+    def step(self, x: torch.Tensor, t: int, cache: dict, name: str, extra_kv=None) -> torch.Tensor:
+        """Incremental decoding of position t, x (B, 1, C).
+
+        The cache holds, per scale, exactly what later queries can still read: the tokens from b_0(t) on,
+        and the blocks of scale s from b_s(t) on (bounds only grow with t), so it grows like W + T / K_{S-1}
+        (constant with a bounded last scale). Incomplete blocks wait, as raw keys/values, in pooling buffers.
+        """
+        lengths = self.grid.block_lengths
+        bounds = [int(b) for b in retina_bounds(torch.tensor([t]), lengths, self.window, self.blocks)]
+        new_k, new_v = self.attn.k_proj(x), self.attn.v_proj(x)  # (B, 1, C)
+        keys, values = [], []
+        for s, k in enumerate(lengths):
+            if s > 0 and new_k is not None:  # pool the finer scale's new element into this scale's buffer
+                new_k = self.key_pools[s - 1].step(new_k, cache, f"{name}.kbuf{s}")
+                new_v = self.value_pools[s - 1].step(new_v, cache, f"{name}.vbuf{s}")
+                if new_k is not None:
+                    offset = self.grid.newest_block(s, t)
+                    append_cache(cache, f"{name}.k{s}", self.key_positions[s - 1](new_k, offset=offset))
+                    append_cache(cache, f"{name}.v{s}", new_v)
+            elif s == 0:
+                append_cache(cache, f"{name}.k0", new_k)
+                append_cache(cache, f"{name}.v0", new_v)
+            if f"{name}.k{s}" not in cache:
+                continue  # no block of this scale is complete yet
+            # the cache of scale s holds elements [formed - n, formed): drop those before b_s, read up to b_{s-1}
+            formed = t + 1 if s == 0 else (t + 1) // k
+            first, end = bounds[s] // k, (t + 1 if s == 0 else bounds[s - 1] // k)
+            for kind, out in (("k", keys), ("v", values)):
+                cached = cache[f"{name}.{kind}{s}"]
+                cached = cached[:, first - (formed - cached.size(1)) :]
+                cache[f"{name}.{kind}{s}"] = cached
+                out.append(cached[:, : end - first])
+        keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, L_t, C)
+        return self.attn.attend(x, self.attn.split_heads(keys), self.attn.split_heads(values))

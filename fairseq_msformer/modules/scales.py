@@ -51,6 +51,12 @@ class ScaleGrid:
         return j * k if self.hourglass else (j + 1) * k - 1
 
 
+    def newest_block(self, scale: int, t: int) -> int:
+        """Index of the newest block of `scale` ready at position t (-1: none yet)."""
+        k = self.block_lengths[scale]
+        return t // k if self.hourglass else (t + 1) // k - 1
+
+
 def causal_block_mask(query_ready: torch.Tensor, key_ready: torch.Tensor) -> torch.Tensor:
     """(Tq, Tk) boolean mask, True where the query may attend to the key (SDPA's convention)."""
     return key_ready.unsqueeze(0) <= query_ready.unsqueeze(1)
