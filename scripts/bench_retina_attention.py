@@ -18,6 +18,8 @@ faster than fused dense causal attention at --speedup-length.
 
   python scripts/bench_retina_attention.py                      # default: T = 1024 .. 8192
   python scripts/bench_retina_attention.py --profile 4096       # plus a per-stage breakdown of retina at T=4096
+  python scripts/bench_retina_attention.py --threads 1           # steadier on a loaded machine
+  python scripts/bench_retina_attention.py --candidate 4         # plus a candidate fix (a copy in this script)
 """
 import argparse
 import os
@@ -34,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fairseq.modules import MultiheadAttention  # noqa: E402
 
 from fairseq_msformer.modules import MultiScaleAttention, ScaleGrid  # noqa: E402
-from fairseq_msformer.modules.retina_attention import RetinaAttention  # noqa: E402
+from fairseq_msformer.modules.retina_attention import RetinaAttention, retina_bounds  # noqa: E402
 
 MIB = 2.0**20
 
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4, help="attention heads (head dim = dim / heads)")
     p.add_argument("--batch", type=int, default=1, help="batch size B")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="sample lengths T")
-    p.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd runs per point (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd runs per point (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed fwd+bwd runs before timing")
     p.add_argument("--window", type=int, default=128, help="retina: W, tokens read at full resolution")
     p.add_argument("--blocks", type=int, nargs="+", default=[32, -1],
@@ -59,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--speedup-length", type=int, default=4096, help="T at which --min-speedup is checked")
     p.add_argument("--profile", type=int, nargs="*", default=None, metavar="T",
                    help="also time retina's stages at these T (default when given without values: 4096)")
+    p.add_argument("--candidate", type=int, default=0, metavar="G",
+                   help="also time a candidate fix of retina (a copy inside this script: strided-view gathers, "
+                        "chunks split into G groups with their own key counts); 0 = off")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave the default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.dim % args.heads:
@@ -111,11 +117,136 @@ def build_methods(a):
         out, _ = mha(query=x, key=x, value=x, attn_mask=masks[t], need_weights=False)
         return out
 
-    return grid, retina, [
-        Method("retina", retina, batch_major, retina.self_attention),
+    candidates = {}
+
+    def candidate(x):
+        t = x.size(1)
+        if t not in candidates:
+            candidates.clear()
+            candidates[t] = CandidateRetina(retina, t, a.candidate)
+        return candidates[t](x)
+
+    methods = [Method("retina", retina, batch_major, retina.self_attention)]
+    if a.candidate:
+        methods.append(Method("retina-cand", retina, batch_major, candidate))
+    methods += [
         Method("sdpa-causal", dense, batch_major, dense.self_attention),
         Method("fairseq MHA", mha, time_major, fairseq_mha),
     ]
+    return grid, retina, methods
+
+
+# ------------------------------------------------------------------------- candidate fix (a copy, not the package)
+def strided_windows(states, start: int, step: int, count: int, chunks: int):
+    """(B, N, C) -> (B, chunks, count, C) view: row c holds states[start + c*step : ... + count], out of range = 0.
+
+    The same keys as RetinaAttention's advanced-index gather, but as an unfold/expand view: the backward is
+    unfold_backward (or a sum) instead of index_put_(accumulate=True).
+    """
+    bsz, n, dim = states.shape
+    end = start + (chunks - 1) * step + count
+    lo_pad, hi_pad = max(0, -start), max(0, end - n)
+    if lo_pad or hi_pad:
+        states = F.pad(states, (0, 0, lo_pad, hi_pad))
+    s0 = start + lo_pad
+    if step == 0:
+        return states[:, s0:s0 + count].unsqueeze(1).expand(bsz, chunks, count, dim)
+    return states[:, s0:s0 + (chunks - 1) * step + count].unfold(1, count, step).transpose(2, 3)
+
+
+class CandidateRetina:
+    """RetinaAttention.self_attention (same module, same weights, same keys and mask rule) with
+
+    * strided windows instead of ``states[:, index]`` (whose backward is a serial index_put_ accumulate on CPU),
+      and one copy (the cat) instead of three (index, reshape of a transposed view, cat);
+    * query chunks split into ``groups`` runs of consecutive chunks, each gathering only as many keys per
+      scale as its own queries can read (an unbounded last scale otherwise pads every chunk to T / K_{S-1}).
+
+    Falls back to the module's own forward when the layout is not strided (then prints why).
+    """
+
+    def __init__(self, retina: RetinaAttention, length: int, groups: int):
+        self.retina, self.length = retina, length
+        lay = retina.layout(length, torch.device("cpu"))
+        chunks, q_len = lay.num_chunks, lay.chunk
+        ks = retina.grid.block_lengths
+        t = torch.arange(chunks * q_len)
+        bounds = retina_bounds(t, ks, retina.window, retina.blocks)
+        old_masks = lay.mask.split([i.size(1) for i in lay.index], dim=2)
+        c = torch.arange(chunks)
+        self.ok, self.scales = True, []
+        masks = []
+        for s, (k, idx) in enumerate(zip(ks, lay.index)):
+            count = idx.size(1)
+            step = int(idx[-1, 0] - idx[-2, 0]) if chunks > 1 else 0
+            start = int(idx[-1, 0]) - (chunks - 1) * step
+            index = start + step * c.unsqueeze(1) + torch.arange(count)  # (C, L_s), may leave [0, N_s)
+            j = index.unsqueeze(1)
+            q_lo = bounds[s].view(chunks, q_len, 1)
+            if s == 0:
+                allowed = (q_lo <= j) & (j <= t.view(chunks, q_len, 1))
+            else:
+                allowed = (q_lo <= j * k) & ((j + 1) * k <= bounds[s - 1].view(chunks, q_len, 1))
+            if not torch.equal(allowed.sum(2), old_masks[s].sum(2)):  # same keys per query (rule is the same)
+                self.ok = False
+            self.scales.append((start, step, count))
+            masks.append(allowed)
+        if not self.ok:
+            print("candidate: layout is not strided; it falls back to RetinaAttention.self_attention")
+            return
+        # groups of consecutive chunks, each trimmed to the keys its queries can read (per scale)
+        self.groups = []
+        bounds_c = [int(round(g * chunks / groups)) for g in range(groups + 1)]
+        for c0, c1 in zip(bounds_c[:-1], bounds_c[1:]):
+            if c1 <= c0:
+                continue
+            plan, gmasks = [], []
+            for (start, step, count), m in zip(self.scales, masks):
+                used = m[c0:c1].any(1).any(0).nonzero()  # key slots any query of the group reads
+                lo, hi = (int(used.min()), int(used.max()) + 1) if len(used) else (0, 1)
+                plan.append((start + c0 * step + lo, step, hi - lo))
+                gmasks.append(m[c0:c1, :, lo:hi])
+            self.groups.append((c0, c1, plan, torch.cat(gmasks, dim=2)))
+
+    def __call__(self, x):
+        if not self.ok or x.size(1) != self.length:
+            return self.retina.self_attention(x)
+        r = self.retina
+        bsz, length, dim = x.shape
+        heads = r.attn.num_heads
+        q_len = r.layout(length, x.device).chunk
+        keys, values = r.scale_keys_values(x)
+        chunks = sum(c1 - c0 for c0, c1, _, _ in self.groups)
+        q_all = r.attn.q_proj(F.pad(x, (0, 0, 0, chunks * q_len - length)))
+        q_all = q_all.view(bsz, chunks, q_len, heads, -1).transpose(2, 3)  # (B, C, H, Q, D)
+        outs = []
+        for c0, c1, plan, mask in self.groups:
+            n = c1 - c0
+
+            def gather(states_per_scale):
+                parts = [strided_windows(st, start, step, count, n).unflatten(3, (heads, -1)).transpose(2, 3)
+                         for st, (start, step, count) in zip(states_per_scale, plan)]  # (B, n, H, L_s, D)
+                return torch.cat(parts, dim=3).flatten(0, 1)  # (B*n, H, L, D)
+
+            q = q_all[:, c0:c1].flatten(0, 1)
+            out = F.scaled_dot_product_attention(q, gather(keys), gather(values),
+                                                 attn_mask=mask.unsqueeze(1).expand(bsz * n, 1, -1, -1)
+                                                 if bsz == 1 else mask.unsqueeze(1).repeat(bsz, 1, 1, 1))
+            outs.append(out.view(bsz, n, heads, q_len, -1))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, C, H, Q, D)
+        out = out.transpose(2, 3).reshape(bsz, chunks * q_len, dim)[:, :length]
+        return r.attn.out_proj(out)
+
+
+def check_candidate(retina, cand, a, length):
+    """Largest |difference| of the outputs and of the input gradients, candidate vs the module."""
+    torch.manual_seed(a.seed)
+    x = torch.randn(a.batch, length, a.dim, requires_grad=True)
+    ref = retina.self_attention(x)
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    out = cand(x)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x)
+    return float((out - ref).detach().abs().max()), float((g - g_ref).abs().max() / g_ref.abs().max())
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -133,7 +264,7 @@ def time_fwd_bwd(method, x, warmup, repeats):
         start = time.perf_counter()
         fwd_bwd(method, x)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) if times else None
 
 
 def saved_bytes(method, x):
@@ -231,29 +362,51 @@ def fmt_mib(v):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     grid, retina, methods = build_methods(a)
     lengths = sorted(a.lengths)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dim {a.dim}, {a.heads} heads of "
-          f"{a.dim // a.heads}, batch {a.batch}; median of {a.repeats} fwd+bwd after {a.warmup} warm-up")
+          f"{a.dim // a.heads}, batch {a.batch}; median of {a.repeats} fwd+bwd after {a.warmup} warm-up, repeats interleaved across methods")
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and load >= cpus - 0.5:
+        print(f"note: load average {load:.1f} on {cpus} CPUs: other processes compete for the cores and every "
+              f"multi-threaded op then waits for its slowest thread; op-heavy code (retina) suffers most. "
+              f"--threads 1 gives steadier numbers.")
     print(f"retina: grid pool factors {a.pool_factors} (block lengths {grid.block_lengths}), window W={a.window} "
           f"tokens, blocks {a.blocks} (" + ", ".join(
               f"scale {s}: {'all older' if n < 0 else n} blocks of {k} tokens"
               for s, (n, k) in enumerate(zip(a.blocks, grid.block_lengths[1:]), start=1)) +
           f"), query chunk Q={retina.chunk}")
+    if a.candidate:
+        print(f"retina-cand: a copy of RetinaAttention.self_attention in this script (strided-view gathers, "
+              f"{a.candidate} chunk group(s)), same weights; check vs the module:")
+        for t in sorted(a.lengths):
+            d_out, d_grad = check_candidate(retina, CandidateRetina(retina, t, a.candidate), a, t)
+            print(f"  T={t}: max |out diff| {d_out:.1e}, max input-grad diff / max grad {d_grad:.1e}")
 
     times = {m.name: {} for m in methods}
     mem = {m.name: {} for m in methods}
     for t in lengths:
+        active, inputs = [], {}
         for m in methods:
             if m.name == "fairseq MHA" and t > a.max_mha_length:
                 times[m.name][t] = mem[m.name][t] = None
                 continue
             torch.manual_seed(a.seed)
-            x = m.make_input(t)
-            mem[m.name][t] = saved_bytes(m, x)
-            times[m.name][t] = time_fwd_bwd(m, x, a.warmup, a.repeats)
-            del x
+            inputs[m.name] = m.make_input(t)
+            mem[m.name][t] = saved_bytes(m, inputs[m.name])
+            time_fwd_bwd(m, inputs[m.name], a.warmup, 0)
+            active.append(m)
+        # repeats interleaved across methods, so that a burst of load on the machine hits all of them alike
+        runs = {m.name: [] for m in active}
+        for _ in range(a.repeats):
+            for m in active:
+                runs[m.name].append(time_fwd_bwd(m, inputs[m.name], 0, 1))
+        for m in active:
+            times[m.name][t] = statistics.median(runs[m.name])
+        del inputs
         print(f"  measured T={t}", file=sys.stderr, flush=True)
 
     names = [m.name for m in methods]
@@ -281,22 +434,26 @@ def main(argv=None):
         print(f"  {n:<12s} time " + (", ".join(parts) or "n/a") +
               (f"   (saved bytes " + ", ".join(mem_parts) + ")" if mem_parts else ""))
 
-    print("\nretina speed-up over fused dense causal (sdpa-causal ms / retina ms):")
-    speedup = {t: times["sdpa-causal"][t] / times["retina"][t] for t in lengths}
-    print("  " + ", ".join(f"T={t}: x{s:.2f}" for t, s in speedup.items()))
-    print("retina saved-bytes ratio vs sdpa-causal: " +
-          ", ".join(f"T={t}: x{mem['retina'][t] / mem['sdpa-causal'][t]:.2f}" for t in lengths))
+    retinas = [n for n in names if n.startswith("retina")]
+    speedup = {}
+    for n in retinas:
+        print(f"\n{n} speed-up over fused dense causal (sdpa-causal ms / {n} ms):")
+        speedup[n] = {t: times["sdpa-causal"][t] / times[n][t] for t in lengths}
+        print("  " + ", ".join(f"T={t}: x{v:.2f}" for t, v in speedup[n].items()))
+        print(f"{n} saved-bytes ratio vs sdpa-causal: " +
+              ", ".join(f"T={t}: x{mem[n][t] / mem['sdpa-causal'][t]:.2f}" for t in lengths))
 
     print("\ntargets:")
-    for t, g in sorted(growth.get("retina", {}).items()):
-        print(f"  {'PASS' if g <= a.max_growth else 'MISS'}  retina time {t}->{2 * t} grows x{g:.2f} "
-              f"(target <= x{a.max_growth}; sdpa-causal x{growth['sdpa-causal'][t]:.2f})")
-    if a.speedup_length in speedup:
-        s = speedup[a.speedup_length]
-        print(f"  {'PASS' if s >= a.min_speedup else 'MISS'}  retina speed-up over sdpa-causal at "
-              f"T={a.speedup_length}: x{s:.2f} (target >= x{a.min_speedup})")
-    else:
-        print(f"  n/a   speed-up target: T={a.speedup_length} not among --lengths")
+    for n in retinas:
+        for t, g in sorted(growth.get(n, {}).items()):
+            print(f"  {'PASS' if g <= a.max_growth else 'MISS'}  {n} time {t}->{2 * t} grows x{g:.3f} "
+                  f"(target <= x{a.max_growth}; sdpa-causal x{growth['sdpa-causal'][t]:.2f})")
+        if a.speedup_length in speedup[n]:
+            v = speedup[n][a.speedup_length]
+            print(f"  {'PASS' if v >= a.min_speedup else 'MISS'}  {n} speed-up over sdpa-causal at "
+                  f"T={a.speedup_length}: x{v:.3f} (target >= x{a.min_speedup})")
+        else:
+            print(f"  n/a   {n} speed-up target: T={a.speedup_length} not among --lengths")
 
     for t in a.profile or []:
         profile_retina(retina, a, t)
