@@ -68,7 +68,59 @@ def test_eval_lm_with_and_without_context_window(trained, corpus):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     plain = eval_lm(corpus, checkpoint)
     with_context = eval_lm(corpus, checkpoint, "--context-window", "32")
-    assert 1 < plain < 20000 and 1 < with_context < 20000 and math.isfinite(plain)
+    assert 1 < plain < 20000 and math.isfinite(plain)
+    assert with_context <= plain * 1.001, f"context made perplexity worse: {with_context} > {plain}"
+
+
+def word_probs(corpus, checkpoint, *flags):
+    """fairseq-eval-lm --output-word-probs on 1/20 of valid, one sentence per sample: {sample id: [probs]}."""
+    proc = fairseq_cli(
+        "fairseq-eval-lm", corpus, *TASK, "--path", checkpoint, "--gen-subset", "valid", "--sample-break-mode",
+        "eos", "--tokens-per-sample", "64", "--skip-invalid-size-inputs-valid-test", "--num-shards", "20",
+        "--shard-id", "0", "--output-word-probs", "--num-workers", "0", *flags,
+    )
+    scores = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        match = re.search(r"eval_lm \| (\d+) (.*\[-?[\d.]+\].*)$", line)
+        if match:
+            scores[int(match.group(1))] = [float(p) for p in re.findall(r"\[(-?[\d.]+)\]", match.group(2))]
+    assert len(scores) > 20, (proc.stdout + proc.stderr)[-2000:]
+    return scores
+
+
+def test_eval_lm_padding_never_changes_a_score(trained, corpus):
+    """Sentences scored alone (--batch-size 1, no padding) and in padded batches get the same word scores."""
+    _, save_dir, _ = trained
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    alone = word_probs(corpus, checkpoint, "--batch-size", "1")
+    batched = word_probs(corpus, checkpoint, "--max-tokens", "2048")
+    assert alone.keys() == batched.keys()
+    for sample_id, probs in alone.items():
+        assert len(probs) == len(batched[sample_id])
+        assert max(abs(a - b) for a, b in zip(probs, batched[sample_id])) < 1e-4, sample_id
+
+
+@pytest.mark.parametrize("sampling", [["--sampling-topk", "10"], ["--sampling-topp", "0.9"]], ids=["topk", "topp"])
+def test_sampling_with_interactive_and_generate(trained, corpus, tmp_path, sampling):
+    """Top-k / top-p sampling through fairseq-interactive, and fairseq-generate on a prompts file binarized
+    with the corpus dictionary (what a user does to continue their own prompts)."""
+    _, save_dir, _ = trained
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    flags = ["--path", checkpoint, "--sampling", *sampling, "--beam", "1", "--max-len-b", "12", "--seed", "3"]
+    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, *flags, "--tokenizer", "moses", "--moses-no-escape",
+                       stdin="The module provides\n")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("D-0\t")], proc.stdout[-2000:]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The function returns a\nThis module defines\nFor example , the\n")
+    fairseq_cli("fairseq-preprocess", "--only-source", "--srcdict", os.path.join(corpus, "dict.txt"),
+                "--testpref", prompts, "--destdir", tmp_path / "bin", "--workers", "1")
+    proc = fairseq_cli("fairseq-generate", tmp_path / "bin", *TASK, *flags, "--gen-subset", "test",
+                       "--sample-break-mode", "eos", "--prefix-size", "2", "--batch-size", "3",
+                       "--required-batch-size-multiple", "1")  # else fairseq rounds 3 prompts to 0 batches
+    hypotheses = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
+    assert len(hypotheses) == 3, proc.stdout[-2000:]
+    assert all(math.isfinite(float(score)) for _, score, _ in hypotheses)
 
 
 def test_interactive_continues_a_prompt(trained, corpus):

@@ -43,31 +43,50 @@ def retina_bounds(t: torch.Tensor, block_lengths: List[int], window: int, blocks
     return bounds
 
 
+class ChunkGroup:
+    """Consecutive query chunks that share one key count per scale: which keys each chunk gathers
+    (``index[s]``: (n, L_s) key indices of scale s) and the (n, Q, L) mask, True = may attend."""
+
+    def __init__(self, t, bounds, block_lengths, chunk: int):
+        n = t.numel() // chunk
+        self.chunks = n
+        self.index, masks = [], []
+        for s, k in enumerate(block_lengths):
+            # bounds grow with t: a chunk's first query reads the oldest key, its last query the newest
+            lo = bounds[s].view(n, chunk)[:, 0] // k  # (n,)
+            hi = t.view(n, chunk)[:, -1] + 1 if s == 0 else bounds[s - 1].view(n, chunk)[:, -1] // k  # (n,)
+            count = max(int((hi - lo).max()), 1)
+            index = lo.unsqueeze(1) + torch.arange(count, device=t.device)  # (n, L_s)
+            self.index.append(index)
+            j = index.unsqueeze(1)  # (n, 1, L_s)
+            q_lo = bounds[s].view(n, chunk, 1)  # (n, Q, 1)
+            if s == 0:
+                allowed = (q_lo <= j) & (j <= t.view(n, chunk, 1))
+            else:
+                allowed = (q_lo <= j * k) & ((j + 1) * k <= bounds[s - 1].view(n, chunk, 1))
+            masks.append(allowed)
+        self.mask = torch.cat(masks, dim=2)  # (n, Q, L)
+
+
 class RetinaLayout:
-    """Which keys each query chunk gathers (per scale: first index and count) and the (C, Q, L) mask."""
+    """The query chunks of a sequence, in a few groups.
+
+    An unbounded last scale makes later chunks read more blocks; padding every chunk to the longest would
+    waste about half of that work, so chunks are grouped and each group is padded to its own longest.
+    """
+
+    GROUPS = 4
 
     def __init__(self, length: int, block_lengths, window: int, blocks, chunk: int, device):
         self.chunk = chunk
         self.num_chunks = -(-length // chunk)
         t = torch.arange(self.num_chunks * chunk, device=device)  # (C*Q,) query positions, padded to chunks
         bounds = retina_bounds(t, block_lengths, window, blocks)
-        first, last = t.view(self.num_chunks, chunk)[:, 0], t.view(self.num_chunks, chunk)[:, -1]
-        self.index, masks = [], []
-        for s, k in enumerate(block_lengths):
-            lo = bounds[s][first] // k  # (C,) first key index any query of the chunk reads (bounds grow with t)
-            hi = last + 1 if s == 0 else bounds[s - 1][last] // k  # (C,) one past the last one
-            count = max(int((hi - lo).max()), 1)
-            index = lo.unsqueeze(1) + torch.arange(count, device=device)  # (C, L_s) key indices
-            self.index.append(index)
-            j = index.unsqueeze(1)  # (C, 1, L_s)
-            q_lo = bounds[s].view(self.num_chunks, chunk, 1)  # (C, Q, 1)
-            if s == 0:
-                allowed = (q_lo <= j) & (j <= t.view(self.num_chunks, chunk, 1))
-            else:
-                q_hi = bounds[s - 1].view(self.num_chunks, chunk, 1)
-                allowed = (q_lo <= j * k) & ((j + 1) * k <= q_hi)
-            masks.append(allowed)
-        self.mask = torch.cat(masks, dim=2)  # (C, Q, L), True = may attend
+        per_group = -(-self.num_chunks // min(self.GROUPS, self.num_chunks))
+        self.groups = []
+        for c0 in range(0, self.num_chunks, per_group):
+            span = slice(c0 * chunk, min(c0 + per_group, self.num_chunks) * chunk)
+            self.groups.append(ChunkGroup(t[span], [b[span] for b in bounds], block_lengths, chunk))
 
 
 class RetinaAttention(nn.Module):
@@ -109,24 +128,29 @@ class RetinaAttention(nn.Module):
     def self_attention(self, x: torch.Tensor) -> torch.Tensor:
         bsz, length, dim = x.shape  # T = length, a multiple of the grid
         layout = self.layout(length, x.device)
-        chunks, q_len, heads = layout.num_chunks, layout.chunk, self.attn.num_heads
+        q_len, heads = layout.chunk, self.attn.num_heads
         keys, values = self.scale_keys_values(x)
+        queries = self.attn.q_proj(F.pad(x, (0, 0, 0, layout.num_chunks * q_len - length)))  # (B, C*Q, C)
 
-        def gather(states, index):  # (B, N_s, C), (C, L_s) -> (B*C, H, L_s, D)
-            picked = states[:, index.clamp(0, states.size(1) - 1).flatten()]  # (B, C*L_s, C)
-            picked = picked.view(bsz, chunks, index.size(1), heads, -1).transpose(2, 3)
-            return picked.reshape(bsz * chunks, heads, index.size(1), -1)
+        outputs, start = [], 0
+        for group in layout.groups:
+            n = group.chunks
 
-        k = torch.cat([gather(ks, idx) for ks, idx in zip(keys, layout.index)], dim=2)  # (B*C, H, L, D)
-        v = torch.cat([gather(vs, idx) for vs, idx in zip(values, layout.index)], dim=2)
-        q = self.attn.q_proj(F.pad(x, (0, 0, 0, chunks * q_len - length)))  # (B, C*Q, C)
-        q = q.view(bsz * chunks, q_len, heads, -1).transpose(1, 2)  # (B*C, H, Q, D)
-        mask = layout.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*C, 1, Q, L)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn.attention_dropout if self.training else 0.0
-        )  # (B*C, H, Q, D)
-        out = out.transpose(1, 2).reshape(bsz, chunks * q_len, dim)[:, :length]
-        return self.attn.out_proj(out)
+            def gather(states, index):  # (B, N_s, C), (n, L_s) -> (B*n, H, L_s, D)
+                picked = states[:, index.clamp(0, states.size(1) - 1).flatten()]  # (B, n*L_s, C)
+                picked = picked.view(bsz, n, index.size(1), heads, -1).transpose(2, 3)
+                return picked.reshape(bsz * n, heads, index.size(1), -1)
+
+            k = torch.cat([gather(ks, idx) for ks, idx in zip(keys, group.index)], dim=2)  # (B*n, H, L, D)
+            v = torch.cat([gather(vs, idx) for vs, idx in zip(values, group.index)], dim=2)
+            q = queries[:, start : start + n * q_len].reshape(bsz * n, q_len, heads, -1).transpose(1, 2)
+            mask = group.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn.attention_dropout if self.training else 0.0
+            )  # (B*n, H, Q, D)
+            outputs.append(out.transpose(1, 2).reshape(bsz, n * q_len, dim))
+            start += n * q_len
+        return self.attn.out_proj(torch.cat(outputs, dim=1)[:, :length])
 
     def step(self, x: torch.Tensor, t: int, cache: dict, name: str, extra_kv=None) -> torch.Tensor:
         """Incremental decoding of position t, x (B, 1, C).
