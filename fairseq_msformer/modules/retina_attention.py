@@ -24,22 +24,24 @@ from .pooling import BlockPool
 from .positions import ScalePositions
 
 
-def floor_to(x: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.div(x, k, rounding_mode="floor") * k
+def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -> list:
+    """[b_0(t), b_1(t), ..., b_{S-1}(t)]: scale s reads the span [b_s, b_{s-1}) (scale 0: [b_0, t]).
 
+    `t` is a tensor of positions (the blockwise pass) or one int (a decoding step: plain Python, no tensor ops).
+    """
+    def at_least_zero(x):
+        return x.clamp(min=0) if torch.is_tensor(x) else max(x, 0)
 
-def retina_bounds(t: torch.Tensor, block_lengths: List[int], window: int, blocks: List[int]) -> List[torch.Tensor]:
-    """[b_0(t), b_1(t), ..., b_{S-1}(t)]: scale s reads the span [b_s, b_{s-1}) (scale 0: [b_0, t])."""
     k = block_lengths
-    bounds = [floor_to(t - window + 1, k[1]).clamp(min=0)]
+    bounds = [at_least_zero((t - window + 1) // k[1] * k[1])]
     for s in range(1, len(k)):
         if blocks[s - 1] < 0:  # unbounded last scale: everything older
-            bounds.append(torch.zeros_like(t))
+            bounds.append(t * 0)
             continue
         b = bounds[-1] - blocks[s - 1] * k[s]
         if s + 1 < len(k):
-            b = floor_to(b, k[s + 1])  # align so that the next scale starts on one of its block boundaries
-        bounds.append(b.clamp(min=0))
+            b = b // k[s + 1] * k[s + 1]  # align so that the next scale starts on one of its block boundaries
+        bounds.append(at_least_zero(b))
     return bounds
 
 
@@ -160,7 +162,7 @@ class RetinaAttention(nn.Module):
         (constant with a bounded last scale). Incomplete blocks wait, as raw keys/values, in pooling buffers.
         """
         lengths = self.grid.block_lengths
-        bounds = [int(b) for b in retina_bounds(torch.tensor([t]), lengths, self.window, self.blocks)]
+        bounds = retina_bounds(t, lengths, self.window, self.blocks)
         new_k, new_v = self.attn.k_proj(x), self.attn.v_proj(x)  # (B, 1, C)
         keys, values = [], []
         for s, k in enumerate(lengths):
