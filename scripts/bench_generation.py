@@ -1,41 +1,30 @@
 #!/usr/bin/env python
 """Benchmark incremental generation: msformer families against fairseq's transformer_lm (issue 4, item 3).
 
-Four language models of the same width, vocabulary and total depth are built in-process the way fairseq builds
-them (a Namespace of options, the --arch preset, dataclass defaults, then Model.build_model(args, task)):
-
+Four LMs of the same width, vocabulary and depth L, built in-process the way fairseq builds them (a Namespace of
+options, the --arch preset, dataclass defaults, then Model.build_model(args, task)):
   transformer_lm  fairseq's TransformerLanguageModel, --decoder-layers L
-  bottom_up       msformer_lm_bottom_up: token layers before pooling 0, scale layers "a,b", aggregation 1,
-                  token layers n   (a + b + 1 + n = L)
+  bottom_up       msformer_lm_bottom_up: scale layers "a,b", aggregation 1, token layers n   (a + b + 1 + n = L)
   top_down        msformer_lm_top_down:  scale layers "a,b", token layers n   (a + b + n = L)
   retina          msformer_lm_retina:    token layers L, retina windows "W,...,-1"
 
-For each prefix length P (default 128, 512, 1024, 2048), every model's incremental_state is filled with the
-prefix one position at a time (decoder(tokens[:, :t+1], incremental_state=state), t = 0 .. P-1, features only),
-and then:
+For each prefix length P, every model's incremental_state is filled one position at a time (the decoder given
+tokens[:, :t+1], features only), then:
+  cache bytes  sum of numel * element_size over the incremental_state's tensors, right after the prefix;
+  ms / token   median of --steps single-token steps (after --warmup) on a deepcopy of the state, each passing the
+               whole prefix as fairseq's SequenceGenerator does: decoder, then get_normalized_probs(log_probs=True)
+               of the newest position. The copy is thrown away: the next length fills the original from P.
+The models take their timed steps round-robin, so load from other processes falls on all of them alike.
+--threads defaults to 1: batch-1 generation is a stream of small ops, which 2 threads on a small shared machine
+(waiting on each other behind other processes' load) make erratic.
 
-  cache bytes   sum of numel * element_size over every tensor in the incremental_state (nested dicts
-                walked), measured right after the prefix, before any timed step;
-  ms / token    the state is copied (copy.deepcopy) and --warmup + --steps single-token steps run on the copy,
-                each passing the whole prefix (B, P + i + 1) as fairseq's SequenceGenerator does and taking
-                log-probabilities of the newest position (decoder forward with the output projection, then
-                model.get_normalized_probs(log_probs=True)); the median of the --steps timed ones is reported.
-                The copy is thrown away, so timed steps never count as prefix: the next length continues
-                filling the original state from P.
+Targets (PASS/MISS, no figures hard-coded):
+  * every family's ms/token <= transformer_lm's (x (1 + --tolerance)) at every P;
+  * retina's cache grows like W + T/K: under the bound layers * 2 * C * bytes * (W + K_1 + sum over bounded coarse
+    scales of (horizon_s / K_s + K_{s+1} / K_s + 1) + P / K_{S-1} + 1 + pooling buffers) at every P, and at most
+    1/K_{S-1} (+10%) cached positions per layer per token added between the two longest P.
 
-The models take their timed steps round-robin (model 1 step i, model 2 step i, ...), so load from other
-processes on the machine falls on all of them alike; the ratios printed are from this one run.
-
-Targets (PASS/MISS printed, no figures hard-coded):
-  * every family's ms/token <= transformer_lm's at every length (--tolerance allows a relative margin, 0 default);
-  * retina's cache grows like W + T/K: it stays under the bound layers * 2 * C * bytes * (W + K_1 + sum over the
-    bounded coarse scales of (horizon_s / K_s + K_{s+1} / K_s + 1) + P / K_{S-1} + 1 + pooling buffers) at every
-    length (each scale caches its blocks from b_s(t) on, see RetinaAttention.step), and between
-    the two longest lengths it adds at most 1/K_{S-1} (+10%) cached positions per layer per token
-    (transformer_lm adds 1 per layer per token).
-
-  python scripts/bench_generation.py
-  python scripts/bench_generation.py --profile retina --profile-length 2048   # plus a per-op profile of a step
+  python scripts/bench_generation.py [--lengths 128 512 1024 2048] [--models transformer_lm retina]
 """
 import argparse
 import copy
@@ -53,14 +42,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fairseq_msformer  # noqa: E402,F401  (registers msformer_lm, its presets and the task)
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import ARCH_CONFIG_REGISTRY  # noqa: E402
-from fairseq.models.transformer_lm import (  # noqa: E402
-    TransformerLanguageModel,
-    TransformerLanguageModelConfig,
-    base_lm_architecture,
-)
-
+from fairseq.models.transformer_lm import TransformerLanguageModel, base_lm_architecture  # noqa: E402
+from fairseq.models.transformer_lm import TransformerLanguageModelConfig  # noqa: E402
 from fairseq_msformer.models.config import MsformerLMConfig, int_list  # noqa: E402
 from fairseq_msformer.models.msformer_lm import MsformerLanguageModel  # noqa: E402
+from fairseq_msformer.modules import TransformerBlock  # noqa: E402
 
 MIB = 2.0**20
 FAMILIES = ("bottom_up", "top_down", "retina")
@@ -86,15 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--top-down-token-layers", type=int, default=2, help="top_down: token-level layers")
     p.add_argument("--retina-windows", default="64,256,-1", help="retina: horizons per scale (W first)")
     p.add_argument("--models", nargs="+", default=[BASELINE, *FAMILIES], choices=[BASELINE, *FAMILIES])
-    p.add_argument("--tolerance", type=float, default=0.0,
-                   help="time target: family <= (1 + tolerance) x transformer_lm")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads; 0 = leave torch's default. One by default: batch-1 generation is "
-                        "a stream of small ops, and on a small shared machine OpenMP threads that wait on each "
-                        "other behind other processes' load inflate every op unpredictably")
-    p.add_argument("--profile", nargs="*", default=None, choices=[BASELINE, *FAMILIES], metavar="MODEL",
-                   help="after the table, profile single steps of these models (torch.profiler, per-op table)")
-    p.add_argument("--profile-length", type=int, default=2048, help="prefix length of the profiled steps")
+    p.add_argument("--tolerance", type=float, default=0.0, help="time target: family <= (1 + tolerance) x baseline")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.dim % args.heads:
@@ -103,25 +82,12 @@ def parse_args(argv=None):
         p.error("--lengths must increase (one cache is filled and reused across lengths)")
     if BASELINE not in args.models:
         p.error("--models must include transformer_lm (the reference)")
-    if args.profile is not None and not args.profile:
-        args.profile = [m for m in args.models if m != BASELINE]
     return args
 
 
 # ---------------------------------------------------------------- building the models the way fairseq does
-
-
-def make_task(vocab_words: int, tokens_per_sample: int):
-    d = Dictionary()
-    for i in range(vocab_words):
-        d.add_symbol(f"w{i}")
-    return SimpleNamespace(source_dictionary=d, target_dictionary=d,
-                           args=SimpleNamespace(tokens_per_sample=tokens_per_sample))
-
-
 def fill_dataclass_defaults(args, config_cls):
-    """What fairseq's CLI does for options not on the command line: the dataclass default (interpolations,
-    '${task...}', are left None here and set explicitly)."""
+    """As fairseq's CLI for options not given: the dataclass default ('${task...}' interpolations: None)."""
     for f in fields(config_cls):
         if not hasattr(args, f.name) or getattr(args, f.name) is None:
             default = f.default if f.default is not MISSING else (
@@ -129,109 +95,88 @@ def fill_dataclass_defaults(args, config_cls):
             setattr(args, f.name, None if isinstance(default, str) and default.startswith("${") else default)
 
 
-def common_options(opts, max_positions):
-    return dict(decoder_embed_dim=opts.dim, decoder_ffn_embed_dim=opts.ffn, decoder_attention_heads=opts.heads,
-                dropout=0.0, max_target_positions=max_positions, tokens_per_sample=max_positions)
-
-
-def build_transformer_lm(opts, task, max_positions):
-    args = argparse.Namespace(**common_options(opts, max_positions), decoder_layers=opts.layers,
-                              decoder_input_dim=opts.dim, decoder_output_dim=opts.dim)
-    base_lm_architecture(args)  # the transformer_lm preset
-    fill_dataclass_defaults(args, TransformerLanguageModelConfig)
-    model = TransformerLanguageModel.build_model(args, task)
-    config = (f"transformer_lm: decoder_layers={args.decoder_layers}, dim={args.decoder_embed_dim}, "
-              f"heads={args.decoder_attention_heads}, ffn={args.decoder_ffn_embed_dim}, "
-              f"pre-norm={args.decoder_normalize_before}, learned_pos={args.decoder_learned_pos}, "
-              f"tied_io={args.share_decoder_input_output_embed}, max_positions={args.max_target_positions}")
-    return model, config
-
-
-def build_msformer(family, opts, task, max_positions):
-    options = common_options(opts, max_positions)
-    options["pool_factors"] = opts.pool_factors
-    if family == "bottom_up":
-        options.update(scale_layers=opts.bottom_up_scale_layers, token_layers=opts.bottom_up_token_layers,
-                       token_layers_before_pooling=0)
-        depth = sum(int_list("", opts.bottom_up_scale_layers)) + 1 + opts.bottom_up_token_layers
-        layers = (f"token_layers_before_pooling=0, scale_layers={opts.bottom_up_scale_layers}, aggregation=1, "
-                  f"token_layers={opts.bottom_up_token_layers}")
-    elif family == "top_down":
-        options.update(scale_layers=opts.top_down_scale_layers, token_layers=opts.top_down_token_layers)
-        depth = sum(int_list("", opts.top_down_scale_layers)) + opts.top_down_token_layers
-        layers = f"scale_layers={opts.top_down_scale_layers}, token_layers={opts.top_down_token_layers}"
+def build(name, opts, task, max_positions):
+    """-> (model in eval mode, one-line description)."""
+    options = dict(decoder_embed_dim=opts.dim, decoder_ffn_embed_dim=opts.ffn, decoder_attention_heads=opts.heads,
+                   dropout=0.0, max_target_positions=max_positions, tokens_per_sample=max_positions)
+    if name == BASELINE:
+        args = argparse.Namespace(**options, decoder_layers=opts.layers, decoder_input_dim=opts.dim,
+                                  decoder_output_dim=opts.dim)
+        base_lm_architecture(args)  # the transformer_lm preset
+        fill_dataclass_defaults(args, TransformerLanguageModelConfig)
+        model = TransformerLanguageModel.build_model(args, task)
+        layers = (f"decoder_layers={args.decoder_layers}, pre-norm={args.decoder_normalize_before}, "
+                  f"learned_pos={args.decoder_learned_pos}")
+        depth = len(model.decoder.layers)
     else:
-        options.update(token_layers=opts.layers, retina_windows=opts.retina_windows)
-        depth = opts.layers
-        layers = f"token_layers={opts.layers}, retina_windows={opts.retina_windows}"
-    args = argparse.Namespace(**options)
-    ARCH_CONFIG_REGISTRY[f"msformer_lm_{family}"](args)
-    fill_dataclass_defaults(args, MsformerLMConfig)
-    model = MsformerLanguageModel.build_model(args, task)
-    config = (f"{family}: {layers} -> {depth} layers, pool_factors={args.pool_factors}, dim={args.decoder_embed_dim}, "
+        family = {"bottom_up": dict(token_layers_before_pooling=0, scale_layers=opts.bottom_up_scale_layers,
+                                    token_layers=opts.bottom_up_token_layers),
+                  "top_down": dict(scale_layers=opts.top_down_scale_layers, token_layers=opts.top_down_token_layers),
+                  "retina": dict(token_layers=opts.layers, retina_windows=opts.retina_windows)}[name]
+        args = argparse.Namespace(**options, **family, pool_factors=opts.pool_factors)
+        ARCH_CONFIG_REGISTRY[f"msformer_lm_{name}"](args)
+        fill_dataclass_defaults(args, MsformerLMConfig)
+        model = MsformerLanguageModel.build_model(args, task)
+        depth = sum(isinstance(m, TransformerBlock) for m in model.modules())  # bottom_up: + the aggregation
+        layers = ", ".join(f"{k}={v}" for k, v in family.items()) + (
+            f", pool_factors={args.pool_factors}, pool={args.pool_type}, rule={args.shift_rule}")
+    params = sum(p.numel() for p in model.parameters())
+    config = (f"{name}: {layers} -> {depth} layers, dim={args.decoder_embed_dim}, "
               f"heads={args.decoder_attention_heads}, ffn={args.decoder_ffn_embed_dim}, "
-              f"pool={args.pool_type}, rule={args.shift_rule}, tied_io={args.share_decoder_input_output_embed}, "
-              f"max_positions={args.max_target_positions}")
-    return model, config, depth
+              f"tied_io={args.share_decoder_input_output_embed}, max_positions={args.max_target_positions}, "
+              f"params={params / 1e6:.1f}M")
+    if depth != opts.layers:
+        config += f"   [depth {depth} != transformer_lm's {opts.layers}]"
+    return model.eval(), config
 
 
 # ---------------------------------------------------------------- measuring
-
-
 def tensors_in(state):
-    """Every tensor in an incremental_state (dicts nested to any depth, lists/tuples too)."""
+    """Every tensor in an incremental_state (dicts, lists and tuples nested to any depth)."""
     if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from tensors_in(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from tensors_in(value)
+        return [state]
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return [t for value in values for t in tensors_in(value)]
 
 
-def cache_bytes(state) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors_in(state))
-
-
-def storage_bytes(state) -> int:
-    """Bytes of the distinct storages behind the cached tensors (views keep their whole storage alive)."""
-    seen = {}
-    for t in tensors_in(state):
+def cache_bytes(state):
+    """(sum of numel * element_size, bytes of the distinct storages behind them: views keep theirs alive)."""
+    tensors, storages = tensors_in(state), {}
+    for t in tensors:
         s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-    return sum(seen.values())
+        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+    return sum(t.numel() * t.element_size() for t in tensors), sum(storages.values())
 
 
 def fill(model, tokens, state, start, end):
-    """Positions start .. end-1 into the cache, one at a time (fairseq's TransformerDecoder in incremental mode
-    runs only the last position of what it is given)."""
+    """Positions start .. end-1 into the cache, one at a time (an incremental decoder runs its last position)."""
     for t in range(start, end):
         model.decoder(tokens[:, : t + 1], incremental_state=state, features_only=True)
 
 
 def generation_step(model, prefix, state):
-    """One SequenceGenerator step of one model: decoder over the whole prefix (incremental), log-probs of the
-    newest position."""
+    """One SequenceGenerator step: the decoder given the whole prefix (incremental), log-probs of the newest."""
     out = model.decoder(prefix, incremental_state=state)
-    out = (out[0][:, -1:, :], out[1])
-    return model.get_normalized_probs(out, log_probs=True)
+    return model.get_normalized_probs((out[0][:, -1:, :], out[1]), log_probs=True)
 
 
-def retina_breakdown(state, family_body):
-    """Retina: cached elements per scale, averaged over layers (keys; values are the same size)."""
-    num_layers = len(family_body.layers)
+def retina_breakdown(state, num_layers):
+    """Retina: cached keys per scale (RetinaAttention.step's "layer{i}.k{s}"), averaged over layers."""
     counts = {}
     for cache in state.values():
         for name, value in cache.items():
-            parts = name.split(".")
-            if len(parts) == 2 and parts[0].startswith("layer") and parts[1][:1] == "k" and parts[1][1:].isdigit():
-                counts[int(parts[1][1:])] = counts.get(int(parts[1][1:]), 0) + value.size(1)
+            layer, _, kind = name.partition(".")
+            if layer.startswith("layer") and kind[:1] == "k" and kind[1:].isdigit():
+                counts[int(kind[1:])] = counts.get(int(kind[1:]), 0) + value.size(1)
     return {s: c / num_layers for s, c in sorted(counts.items())}
 
 
+def bytes_per_position(opts):
+    return 2 * opts.dim * 4 * opts.batch_size  # keys and values of width C, fp32
+
+
 def retina_bound(opts, model, length):
-    """Upper bound on retina's cache bytes if it grows like W + T / K_{S-1} (no figure measured here)."""
+    """Upper bound on retina's cache bytes if it grows like W + T / K_{S-1} (from the options, not measured)."""
     grid = model.decoder.grid
     k = grid.block_lengths
     horizons = int_list("--retina-windows", opts.retina_windows)  # one group (this script's configuration)
@@ -242,115 +187,74 @@ def retina_bound(opts, model, length):
         else:  # blocks from b_s(t) on (those inside finer windows are kept for later queries), + alignment
             elements += horizons[s] / k[s] + k[min(s + 1, len(k) - 1)] / k[s] + 1
         elements += grid.pool_factors[s - 1]  # pooling buffer of raw keys/values waiting for a block
-    per_element = 2 * opts.dim * 4 * opts.batch_size  # keys and values, fp32
-    return len(model.decoder.body.layers) * elements * per_element + 64  # + the (B, 1) length counter
-
-
-def profile_step(name, model, tokens, state, length, steps=4):
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    print(f"\n=== profile: {name}, {steps} steps after a prefix of {length} ===")
-    st = copy.deepcopy(state)
-    generation_step(model, tokens[:, : length + 1], st)  # warm
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        for i in range(steps):
-            with record_function("generation_step"):
-                generation_step(model, tokens[:, : length + 2 + i], st)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
-    print(table)
+    return len(model.decoder.body.layers) * elements * bytes_per_position(opts) + 64  # + the (B, 1) counter
 
 
 def main(argv=None):
     opts = parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    torch.manual_seed(opts.seed)
-    extra = opts.warmup + opts.steps + 8
-    max_positions = max(opts.lengths) + extra
-    if opts.profile:
-        max_positions = max(max_positions, opts.profile_length + 16)
-    task = make_task(opts.vocab, max_positions)
-
+    max_positions = max(opts.lengths) + opts.warmup + opts.steps + 8
+    vocab = Dictionary()
+    for i in range(opts.vocab):
+        vocab.add_symbol(f"w{i}")
+    task = SimpleNamespace(source_dictionary=vocab, target_dictionary=vocab,
+                           args=SimpleNamespace(tokens_per_sample=max_positions))
     models, configs = {}, []
     for name in opts.models:
         torch.manual_seed(opts.seed)
-        if name == BASELINE:
-            model, config = build_transformer_lm(opts, task, max_positions)
-        else:
-            model, config, depth = build_msformer(name, opts, task, max_positions)
-            if depth != opts.layers:
-                config += f"   [depth {depth} != transformer_lm's {opts.layers}]"
-        models[name] = model.eval()
-        params = sum(p.numel() for p in model.parameters())
-        configs.append(f"  {config}, params={params / 1e6:.1f}M")
+        models[name], config = build(name, opts, task, max_positions)
+        configs.append(f"  {config}")
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={opts.batch_size}, "
-          f"vocab={len(task.source_dictionary)}, steps={opts.steps} (+{opts.warmup} warmup) per length, "
-          f"fp32 CPU, load avg {os.getloadavg()[0]:.2f}")
-    print("models:")
-    print("\n".join(configs))
-
+          f"vocab={len(vocab)}, steps={opts.steps} (+{opts.warmup} warmup) per length, fp32 CPU, "
+          f"load avg {os.getloadavg()[0]:.2f}\nmodels:\n" + "\n".join(configs))
     g = torch.Generator().manual_seed(opts.seed)
-    nspecial = task.source_dictionary.nspecial
-    tokens = torch.randint(nspecial, len(task.source_dictionary), (opts.batch_size, max_positions), generator=g)
+    tokens = torch.randint(vocab.nspecial, len(vocab), (opts.batch_size, max_positions), generator=g)
 
-    states = {name: {} for name in models}
-    times, sizes, storages, breakdown = {}, {}, {}, {}
-    done = 0
-    wall = time.perf_counter()
+    states, times, sizes, storages, breakdown = {name: {} for name in models}, {}, {}, {}, {}
+    done, wall = 0, time.perf_counter()
     with torch.no_grad():
         for length in opts.lengths:
             for name, model in models.items():
                 fill(model, tokens, states[name], done, length)
-                sizes[name, length] = cache_bytes(states[name])
-                storages[name, length] = storage_bytes(states[name])
+                sizes[name, length], storages[name, length] = cache_bytes(states[name])
                 if name == "retina":
-                    breakdown[length] = retina_breakdown(states[name], model.decoder.body)
+                    breakdown[length] = retina_breakdown(states[name], len(model.decoder.body.layers))
             done = length
             copies = {name: copy.deepcopy(states[name]) for name in models}
             samples = {name: [] for name in models}
             for i in range(opts.warmup + opts.steps):
                 prefix = tokens[:, : length + i + 1]
-                for name, model in models.items():
+                for name, model in models.items():  # round-robin
                     start = time.perf_counter()
                     generation_step(model, prefix, copies[name])
-                    elapsed = time.perf_counter() - start
                     if i >= opts.warmup:
-                        samples[name].append(elapsed)
+                        samples[name].append(time.perf_counter() - start)
             for name in models:
                 times[name, length] = 1e3 * statistics.median(samples[name])
             del copies
             print(f"  P={length}: filled and timed ({time.perf_counter() - wall:.0f}s so far)", flush=True)
 
-    names = list(models)
-    width = 16
-    header = "P".rjust(6) + " | " + " | ".join(n.rjust(width) for n in names)
-    print("\nms per generated token (median of %d steps; decoder + log-softmax, B=%d)" % (opts.steps, opts.batch_size))
-    print(header)
-    print("-" * len(header))
-    for length in opts.lengths:
-        print(f"{length:6d} | " + " | ".join(f"{times[n, length]:{width}.2f}" for n in names))
-
-    print("\ncache MiB after the prefix (sum of numel * element_size over the incremental_state)")
-    print(header)
-    print("-" * len(header))
-    for length in opts.lengths:
-        print(f"{length:6d} | " + " | ".join(f"{sizes[n, length] / MIB:{width}.3f}" for n in names))
+    names, first, last = list(models), opts.lengths[0], opts.lengths[-1]
+    header = "P".rjust(6) + " | " + " | ".join(n.rjust(16) for n in names)
+    for title, cell in ((f"ms per generated token (median of {opts.steps} steps; decoder + log-softmax, "
+                         f"B={opts.batch_size})", lambda n, L: f"{times[n, L]:16.2f}"),
+                        ("cache MiB after the prefix (sum of numel * element_size over the incremental_state)",
+                         lambda n, L: f"{sizes[n, L] / MIB:16.3f}")):
+        print(f"\n{title}\n{header}\n" + "-" * len(header))
+        for length in opts.lengths:
+            print(f"{length:6d} | " + " | ".join(cell(n, length) for n in names))
     if any(storages[k] != sizes[k] for k in sizes):
         print("  (storage behind those tensors, views counted at their storage size: "
-              + ", ".join(f"{n} {storages[n, opts.lengths[-1]] / MIB:.3f}" for n in names)
-              + f" MiB at P={opts.lengths[-1]})")
-    first, last = opts.lengths[0], opts.lengths[-1]
-    print(f"cache({last}) / cache({first}): "
-          + ", ".join(f"{n} {sizes[n, last] / sizes[n, first]:.2f}x" for n in names)
+              + ", ".join(f"{n} {storages[n, last] / MIB:.3f}" for n in names) + f" MiB at P={last})")
+    print(f"cache({last}) / cache({first}): " + ", ".join(f"{n} {sizes[n, last] / sizes[n, first]:.2f}x" for n in names)
           + f"   (P ratio {last / first:.0f}x)")
 
     per_position = {}
     if len(opts.lengths) >= 2:
-        a, b = opts.lengths[-2], opts.lengths[-1]
-        for n in names:
-            layers = models[n].decoder.body.layers if n == "retina" else None
-            num_layers = len(layers) if layers is not None else opts.layers
-            per_position[n] = (sizes[n, b] - sizes[n, a]) / (b - a) / (2 * opts.dim * 4 * opts.batch_size) / num_layers
+        a, b = opts.lengths[-2], last
+        for n in names:  # per transformer_lm layer (retina has as many)
+            per_position[n] = (sizes[n, b] - sizes[n, a]) / (b - a) / bytes_per_position(opts) / opts.layers
         print(f"cache growth {a} -> {b}, cached positions added per layer per token (keys+values of width C): "
               + ", ".join(f"{n} {per_position[n]:.3f}" for n in names))
 
@@ -358,43 +262,28 @@ def main(argv=None):
         k = models["retina"].decoder.grid.block_lengths
         print("\nretina: cached elements per layer and scale (keys) after the prefix")
         print("P".rjust(6) + " | " + " | ".join(f"scale {s} (K={k[s]})".rjust(14) for s in range(len(k)))
-                + " | " + "bound MiB".rjust(10))
+              + " | " + "bound MiB".rjust(10))
         for length in opts.lengths:
-            row = breakdown[length]
-            print(f"{length:6d} | " + " | ".join(f"{row.get(s, 0):14.1f}" for s in range(len(k)))
+            print(f"{length:6d} | " + " | ".join(f"{breakdown[length].get(s, 0):14.1f}" for s in range(len(k)))
                   + f" | {retina_bound(opts, models['retina'], length) / MIB:10.3f}")
 
     print("\nratios: family ms/token / transformer_lm ms/token (same run, steps interleaved)")
     results = []
-    for n in names[1:]:
-        cells = []
-        for length in opts.lengths:
-            ratio = times[n, length] / times[BASELINE, length]
-            ok = ratio <= 1.0 + opts.tolerance
-            results.append(ok)
-            cells.append(f"P={length}: {ratio:.2f} {'PASS' if ok else 'MISS'}")
-        print(f"  {n:10s} " + "   ".join(cells))
-
+    for n in (n for n in names if n != BASELINE):
+        ratios = [times[n, length] / times[BASELINE, length] for length in opts.lengths]
+        results += [r <= 1.0 + opts.tolerance for r in ratios]
+        print(f"  {n:10s} " + "   ".join(f"P={length}: {r:.2f} {'PASS' if ok else 'MISS'}" for length, r, ok
+                                         in zip(opts.lengths, ratios, results[-len(ratios):])))
     if "retina" in models:
-        model = models["retina"]
-        k_last = model.decoder.grid.block_lengths[-1]
-        within = all(sizes["retina", L] <= retina_bound(opts, model, L) for L in opts.lengths)
-        slope_ok = per_position.get("retina", 0.0) <= 1.1 / k_last
-        ok = within and slope_ok
-        results.append(ok)
+        k_last = models["retina"].decoder.grid.block_lengths[-1]
+        within = all(sizes["retina", L] <= retina_bound(opts, models["retina"], L) for L in opts.lengths)
+        results.append(within and per_position.get("retina", 0.0) <= 1.1 / k_last)
         print(f"\nretina cache ~ W + T/K: under the bound at every P: {'yes' if within else 'no'}; "
               f"{per_position.get('retina', float('nan')):.3f} positions/layer/token vs 1/K_{{S-1}} = "
               f"{1 / k_last:.3f} (transformer_lm {per_position.get(BASELINE, float('nan')):.3f}): "
-              f"{'PASS' if ok else 'MISS'}")
+              f"{'PASS' if results[-1] else 'MISS'}")
     print(f"\noverall: {sum(results)}/{len(results)} targets met; wall {time.perf_counter() - wall:.0f}s, "
           f"load avg {os.getloadavg()[0]:.2f}")
-
-    if opts.profile:
-        with torch.no_grad():
-            for name in opts.profile:
-                state = {}
-                fill(models[name], tokens, state, 0, opts.profile_length)
-                profile_step(name, models[name], tokens, state, opts.profile_length)
 
 
 if __name__ == "__main__":

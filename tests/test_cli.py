@@ -33,6 +33,7 @@ def train(corpus, save_dir, arch_flags, updates):
 
 
 def eval_lm(corpus, checkpoint, *flags):
+    """Perplexity on all of valid (a shard would cover different text with and without a context window)."""
     proc = fairseq_cli(
         "fairseq-eval-lm", corpus, *TASK, "--path", checkpoint, "--gen-subset", "valid", "--tokens-per-sample",
         "64", "--max-tokens", "4096", "--num-workers", "0", *flags,
@@ -102,24 +103,29 @@ def test_eval_lm_padding_never_changes_a_score(trained, corpus):
         assert max(abs(a - b) for a, b in zip(probs, batched[sample_id])) < 1e-4, sample_id
 
 
-@pytest.mark.parametrize("sampling", [["--sampling-topk", "10"], ["--sampling-topp", "0.9"]], ids=["topk", "topp"])
-def test_sampling_with_interactive_and_generate(trained, corpus, tmp_path, sampling):
-    """Top-k / top-p sampling through fairseq-interactive, and fairseq-generate on a prompts file binarized
-    with the corpus dictionary (what a user does to continue their own prompts)."""
-    _, save_dir, _ = trained
-    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    flags = ["--path", checkpoint, "--sampling", *sampling, "--beam", "1", "--max-len-b", "12", "--seed", "3"]
-    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, *flags, "--tokenizer", "moses", "--moses-no-escape",
-                       stdin="The module provides\n")
-    assert [line for line in proc.stdout.splitlines() if line.startswith("D-0\t")], proc.stdout[-2000:]
-
-    prompts = tmp_path / "prompts.txt"
+@pytest.fixture(scope="module")
+def prompts_bin(corpus, tmp_path_factory):
+    """A prompts file binarized with the corpus dictionary: what a user does to continue their own prompts."""
+    folder = tmp_path_factory.mktemp("prompts")
+    prompts = folder / "prompts.txt"
     prompts.write_text("The function returns a\nThis module defines\nFor example , the\n")
     fairseq_cli("fairseq-preprocess", "--only-source", "--srcdict", os.path.join(corpus, "dict.txt"),
-                "--testpref", prompts, "--destdir", tmp_path / "bin", "--workers", "1")
-    proc = fairseq_cli("fairseq-generate", tmp_path / "bin", *TASK, *flags, "--gen-subset", "test",
-                       "--sample-break-mode", "eos", "--prefix-size", "2", "--batch-size", "3",
-                       "--required-batch-size-multiple", "1")  # else fairseq rounds 3 prompts to 0 batches
+                "--testpref", prompts, "--destdir", folder / "bin", "--workers", "1")
+    return folder / "bin"
+
+
+def test_sampling_with_interactive_and_generate(trained, corpus, prompts_bin):
+    """Top-k sampling through fairseq-interactive, top-p sampling through fairseq-generate."""
+    _, save_dir, _ = trained
+    common = ["--path", os.path.join(save_dir, "checkpoint_last.pt"), "--sampling", "--beam", "1",
+              "--max-len-b", "12", "--seed", "3"]
+    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, *common, "--sampling-topk", "10",
+                       "--tokenizer", "moses", "--moses-no-escape", stdin="The module provides\n")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("D-0\t")], proc.stdout[-2000:]
+
+    proc = fairseq_cli("fairseq-generate", prompts_bin, *TASK, *common, "--sampling-topp", "0.9",
+                       "--gen-subset", "test", "--sample-break-mode", "eos", "--prefix-size", "2",
+                       "--batch-size", "3", "--required-batch-size-multiple", "1")  # else 3 prompts make 0 batches
     hypotheses = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
     assert len(hypotheses) == 3, proc.stdout[-2000:]
     assert all(math.isfinite(float(score)) for _, score, _ in hypotheses)
