@@ -121,10 +121,10 @@ class RetinaAttention(nn.Module):
     def scale_keys_values(self, x):
         """(B, T, C) -> per scale s: keys and values (B, T / K_s, C)."""
         keys, values = [self.attn.k_proj(x)], [self.attn.v_proj(x)]
-        for s, (kp, vp, pos) in enumerate(zip(self.key_pools, self.value_pools, self.key_positions)):
-            keys.append(kp(keys[-1]))
-            values.append(vp(values[-1]))
-        keys = keys[:1] + [pos(k) for pos, k in zip(self.key_positions, keys[1:])]
+        for key_pool, value_pool in zip(self.key_pools, self.value_pools):
+            keys.append(key_pool(keys[-1]))  # pooled from the previous scale's keys, before positions
+            values.append(value_pool(values[-1]))
+        keys = keys[:1] + [positions(k) for positions, k in zip(self.key_positions, keys[1:])]
         return keys, values
 
     def self_attention(self, x: torch.Tensor) -> torch.Tensor:
