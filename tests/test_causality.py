@@ -122,3 +122,19 @@ RETINA = [
 def test_retina_no_future_leakage(config):
     model, dictionary = retina_model(*config)
     assert_no_leak(model, dictionary)
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("msformer_lm_bottom_up", dict(pool_factors="4,4", scale_layers="1,1")),
+    ("msformer_lm_top_down", dict(pool_factors="4,4", scale_layers="1,1", shift_rule="hourglass")),
+    ("msformer_lm_retina", dict(pool_factors="4,4", retina_windows="8,24,-1")),
+])
+def test_longest_input_off_the_grid(arch, options):
+    """max_positions = 100 is not a multiple of the 16-token grid: inputs of 97..100 tokens are padded to 112,
+    and every scale's position table must cover the padded blocks; longer inputs get a clear error."""
+    model, dictionary = build_model(arch, tokens_per_sample=100, decoder_learned_pos=True, **options)
+    tokens = random_tokens(dictionary, 2, 100)
+    for length in (97, 100):
+        assert torch.isfinite(log_probs(model, tokens[:, :length])).all()
+    with pytest.raises(ValueError, match="longer than the model's max_positions"):
+        model(random_tokens(dictionary, 1, 101))

@@ -14,6 +14,7 @@ BAD = [
     (["--scale-layers", "1"], "fairseq-msformer: error: --scale-layers: needs one layer count per pooling factor"),
     (["--scale-layers", "1,0"], "fairseq-msformer: error: --scale-layers: every coarse scale needs >= 1 layer"),
     (["--pool-type", "avg"], "error: argument --pool-type: invalid choice: 'avg'"),
+    (["--decoder-attention-heads", "0"], "fairseq-msformer: error: --decoder-attention-heads: must be >= 1"),
     (["--adaptive-input", "--adaptive-input-cutoff", "100,99999"],
      "fairseq-msformer: error: --adaptive-input-cutoff: cutoff 99999 is above the vocabulary size"),
     (["--arch", "msformer_lm_top_down_tiny", "--scale-layers", "0,1"],

@@ -200,6 +200,8 @@ def check_config(args, vocab_size: int, tokens_per_sample: int) -> ScalePlan:
     for option in ("token_layers", "token_layers_before_pooling"):
         if getattr(args, option) < 0:
             raise MsformerConfigError(f"--{option.replace('_', '-')}: must be >= 0")
+    if args.decoder_attention_heads < 1:
+        raise MsformerConfigError(f"--decoder-attention-heads: must be >= 1, got {args.decoder_attention_heads}")
     if args.decoder_embed_dim % args.decoder_attention_heads != 0:
         raise MsformerConfigError(
             f"--decoder-attention-heads: {args.decoder_attention_heads} heads do not divide "
@@ -219,6 +221,13 @@ def check_config(args, vocab_size: int, tokens_per_sample: int) -> ScalePlan:
         if cutoffs and cutoffs[-1] > vocab_size:
             raise MsformerConfigError(
                 f"{flag}: cutoff {cutoffs[-1]} is above the vocabulary size ({vocab_size} types)"
+            )
+        factor = getattr(args, option.replace("cutoff", "factor"))
+        tail_bands = len(cutoffs) if cutoffs and cutoffs[-1] < vocab_size else max(len(cutoffs) - 1, 0)
+        if args.decoder_embed_dim // factor**tail_bands < 1:  # fairseq: band i has dim // factor**i dimensions
+            raise MsformerConfigError(
+                f"{flag.replace('cutoff', 'factor')}: {factor} shrinks the last adaptive band of "
+                f"--decoder-embed-dim {args.decoder_embed_dim} to zero dimensions"
             )
     if args.adaptive_input and not args.adaptive_input_cutoff:
         raise MsformerConfigError("--adaptive-input-cutoff: required with --adaptive-input")

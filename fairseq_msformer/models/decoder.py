@@ -82,6 +82,7 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         if incremental_state is not None:
             return self.extract_features_incremental(prev_output_tokens, incremental_state)
         bsz, seq_len = prev_output_tokens.shape  # (B, T)
+        self.check_length(seq_len)
         x = self.embed_scale * self.embed_tokens(prev_output_tokens)  # (B, T, C)
         if self.embed_positions is not None:
             x = x + self.embed_positions(prev_output_tokens)
@@ -102,6 +103,7 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         cache = self.get_incremental_state(incremental_state, "cache") or {}
         done = int(cache["length"][0, 0]) if "length" in cache else 0
         seq_len = prev_output_tokens.size(1)
+        self.check_length(seq_len)
         if done >= seq_len:
             raise ValueError(f"incremental_state already holds {done} positions; got a prefix of {seq_len}")
         for t in range(done, seq_len):
@@ -114,6 +116,11 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         self.set_incremental_state(incremental_state, "cache", cache)
         x = self.layer_norm(x)
         return x, {"attn": [None], "inner_states": [x]}
+
+    def check_length(self, seq_len: int):
+        if seq_len > self.max_positions():
+            raise ValueError(f"input of {seq_len} tokens is longer than the model's max_positions "
+                             f"({self.max_positions()}, --max-target-positions)")
 
     def output_layer(self, features):
         if self.adaptive_softmax is not None:

@@ -20,10 +20,15 @@ class ScalePositions(nn.Module):
         return x + self.weight[offset : offset + x.size(1)].to(x).unsqueeze(0)
 
 
+def max_blocks(max_tokens: int, grid, scale: int) -> int:
+    """Blocks of `scale` in the longest input: max_tokens tokens, right-padded to the grid by the decoder."""
+    padded = -(-max_tokens // grid.grid) * grid.grid
+    return padded // grid.block_lengths[scale]
+
+
 def coarse_scale_positions(args, grid) -> nn.ModuleList:
     """One ScalePositions per coarse scale s = 1 .. S-1, long enough for max_target_positions tokens."""
-    max_tokens = args.max_target_positions
     return nn.ModuleList(
-        ScalePositions(max_tokens // k + 2, args.decoder_embed_dim, args.decoder_learned_pos)
-        for k in grid.block_lengths[1:]
+        ScalePositions(max_blocks(args.max_target_positions, grid, s), args.decoder_embed_dim, args.decoder_learned_pos)
+        for s in range(1, grid.num_scales)
     )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .attention import MultiScaleAttention, append_cache
 from .pooling import BlockPool
-from .positions import ScalePositions
+from .positions import coarse_scale_positions
 
 
 def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -> list:
@@ -102,10 +102,7 @@ class RetinaAttention(nn.Module):
         # keys and values of scale s are pooled from those of scale s - 1 (complete-block rule only)
         self.key_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim) for r in grid.pool_factors)
         self.value_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim) for r in grid.pool_factors)
-        self.key_positions = nn.ModuleList(
-            ScalePositions(args.max_target_positions // k + 2, dim, args.decoder_learned_pos)
-            for k in grid.block_lengths[1:]
-        )
+        self.key_positions = coarse_scale_positions(args, grid)
         # query chunk: about half the window (a multiple of K_1), so a chunk's shared keys stay near W + Q
         k1 = grid.block_lengths[1]
         self.chunk = k1 * max(1, round(min(window, 256) / (2 * k1)))
