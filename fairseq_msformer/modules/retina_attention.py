@@ -13,6 +13,7 @@ Blockwise: queries are cut into chunks of Q; each chunk gathers the few keys its
 count L per chunk, about W + Q + sum_s (n_s + Q / K_s)) and runs one masked SDPA over (Q, L). Memory and
 compute per query grow like W + T / K_{S-1} (or stay constant with a bounded last scale), never like T.
 """
+import functools
 from typing import List
 
 import torch
@@ -91,6 +92,12 @@ class RetinaLayout:
             self.groups.append(ChunkGroup(t[span], [b[span] for b in bounds], block_lengths, chunk))
 
 
+@functools.lru_cache(maxsize=32)
+def retina_layout(length, block_lengths, window, blocks, chunk, device) -> RetinaLayout:
+    """Shared by every layer with the same windows (a 16-layer model often has only two settings)."""
+    return RetinaLayout(length, list(block_lengths), window, list(blocks), chunk, torch.device(device))
+
+
 class RetinaAttention(nn.Module):
     """Self-attention of tokens over a window of tokens plus pooled keys/values of older blocks."""
 
@@ -106,14 +113,10 @@ class RetinaAttention(nn.Module):
         # query chunk: about half the window (a multiple of K_1), so a chunk's shared keys stay near W + Q
         k1 = grid.block_lengths[1]
         self.chunk = k1 * max(1, round(min(window, 256) / (2 * k1)))
-        self._layouts = {}
 
     def layout(self, length: int, device) -> RetinaLayout:
-        key = (length, str(device))
-        if key not in self._layouts:
-            self._layouts = {key: RetinaLayout(length, self.grid.block_lengths, self.window, self.blocks,
-                                               self.chunk, device)}
-        return self._layouts[key]
+        return retina_layout(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks), self.chunk,
+                             str(device))
 
     def scale_keys_values(self, x):
         """(B, T, C) -> per scale s: keys and values (B, T / K_s, C)."""
