@@ -64,3 +64,16 @@ def test_retina_keys_per_query_do_not_grow_with_length():
     assert keys_per_chunk(4096, [8, 16]) == keys_per_chunk(1024, [8, 16])
     grown = keys_per_chunk(4096, [8, -1]) - keys_per_chunk(1024, [8, -1])
     assert grown <= (4096 - 1024) // 16 + 1  # the unbounded last scale adds T / K_2 keys, nothing else
+
+
+def test_recomputed_gather_gives_the_same_gradients():
+    """Training recomputes the gather in backward (less memory); outputs and gradients are unchanged."""
+    attn = make_attention([4, 4], 16, [3, -1]).train()
+    x = torch.randn(2, 64, 16, requires_grad=True)
+    grads = []
+    for recompute in (True, False):
+        attn.recompute = recompute
+        out = attn.self_attention(x)
+        grads.append((out.detach(), *torch.autograd.grad(out.pow(2).sum(), [x, attn.attn.k_proj.weight])))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -58,6 +58,11 @@ class MsformerLMConfig(FairseqDataclass):
                           "the last value reads all older blocks. One group for all layers, or one group per "
                           "layer separated by ';' (e.g. '32,128,-1;32,128,-1;128,512,-1;128,512,-1')"},
     )
+    no_retina_recompute: bool = field(
+        default=False,
+        metadata={"help": "retina only: keep each query chunk's gathered keys/values for backward instead of "
+                          "gathering them again there (faster, but ~1.6x the activation memory)"},
+    )
     # --- layer sizes ---
     decoder_embed_dim: int = field(default=512, metadata={"help": "model width at every scale"})
     decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "feed-forward inner dimension"})
