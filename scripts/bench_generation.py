@@ -190,16 +190,22 @@ def retina_bound(opts, model, length):
     return len(model.decoder.body.layers) * elements * bytes_per_position(opts) + 64  # + the (B, 1) counter
 
 
+def fake_task(vocab_words: int, max_positions: int) -> SimpleNamespace:
+    """What build_model reads from a fairseq task: the dictionaries and tokens_per_sample."""
+    vocab = Dictionary()
+    for i in range(vocab_words):
+        vocab.add_symbol(f"w{i}")
+    return SimpleNamespace(source_dictionary=vocab, target_dictionary=vocab,
+                           args=SimpleNamespace(tokens_per_sample=max_positions))
+
+
 def main(argv=None):
     opts = parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     max_positions = max(opts.lengths) + opts.warmup + opts.steps + 8
-    vocab = Dictionary()
-    for i in range(opts.vocab):
-        vocab.add_symbol(f"w{i}")
-    task = SimpleNamespace(source_dictionary=vocab, target_dictionary=vocab,
-                           args=SimpleNamespace(tokens_per_sample=max_positions))
+    task = fake_task(opts.vocab, max_positions)
+    vocab = task.source_dictionary
     models, configs = {}, []
     for name in opts.models:
         torch.manual_seed(opts.seed)

@@ -19,14 +19,12 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generation import BASELINE, FAMILIES, MIB, build, parse_args as generation_args  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
+from bench_generation import BASELINE, FAMILIES, MIB, build, fake_task, parse_args as generation_args  # noqa: E402
 
 SOFTMAX = "softmax+loss"
 
@@ -85,11 +83,8 @@ def main(argv=None):
         torch.set_num_threads(opts.threads)
     model_opts = generation_args([])  # bench_generation's defaults: width, heads, FFN, depth, family layouts
     max_positions = max(opts.lengths) + 8
-    vocab = Dictionary()
-    for i in range(opts.vocab):
-        vocab.add_symbol(f"w{i}")
-    task = SimpleNamespace(source_dictionary=vocab, target_dictionary=vocab,
-                           args=SimpleNamespace(tokens_per_sample=max_positions))
+    task = fake_task(opts.vocab, max_positions)
+    vocab = task.source_dictionary
     models, configs = {}, []
     for name in (BASELINE, *FAMILIES):
         torch.manual_seed(opts.seed)
