@@ -7,7 +7,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from ..errors import MsformerConfigError
-from ..modules import POOL_TYPES, SHIFT_RULES
+from ..modules import POOL_TYPES, SHIFT_RULES, ScaleGrid
 
 FAMILIES = ("bottom_up", "top_down", "retina")
 
@@ -134,9 +134,7 @@ def retina_plan(args, factors: List[int], tokens_per_sample: int) -> List[Tuple[
             f"{option}: give one group of windows for all layers or one per layer ({args.token_layers}), "
             f"got {len(groups)}"
         )
-    block_lengths = [1]
-    for r in factors:
-        block_lengths.append(block_lengths[-1] * r)
+    block_lengths = ScaleGrid(factors).block_lengths
     layers = []
     for group in groups:
         horizons = int_list(option, group)
@@ -181,9 +179,7 @@ def check_config(args, vocab_size: int, tokens_per_sample: int) -> ScalePlan:
         raise MsformerConfigError("--pool-factors: at least one coarse scale (one pooling factor) is required")
     if any(r < 2 for r in factors):
         raise MsformerConfigError(f"--pool-factors: every pooling factor must be >= 2, got '{args.pool_factors}'")
-    coarsest = 1
-    for r in factors:
-        coarsest *= r
+    coarsest = ScaleGrid(factors).grid
     if coarsest > tokens_per_sample:
         raise MsformerConfigError(
             f"--pool-factors: the coarsest block ({coarsest} tokens = {'*'.join(map(str, factors))}) is longer "

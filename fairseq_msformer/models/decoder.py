@@ -81,7 +81,7 @@ class MsformerDecoder(FairseqIncrementalDecoder):
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
         if incremental_state is not None:
             return self.extract_features_incremental(prev_output_tokens, incremental_state)
-        bsz, seq_len = prev_output_tokens.shape  # (B, T)
+        seq_len = prev_output_tokens.size(1)  # prev_output_tokens: (B, T)
         self.check_length(seq_len)
         x = self.embed_scale * self.embed_tokens(prev_output_tokens)  # (B, T, C)
         if self.embed_positions is not None:

@@ -43,13 +43,15 @@ class TopDown(nn.Module):
                 index = upsample_index(
                     self.grid.ready(s, inputs.size(1), x.device), self.grid.ready(s + 1, h.size(1), x.device)
                 )
-                context = self.upsamples[s](h, index)  # (B, N_s, C): newest ready coarser block
-                if self.concat:
-                    inputs = self.combine[s](torch.cat([inputs, context], dim=-1))
-                else:
-                    inputs = inputs + context
+                inputs = self.with_context(s, inputs, self.upsamples[s](h, index))  # newest ready coarser block
             h = self.stacks[s](inputs, inner_states)
         return h
+
+    def with_context(self, s: int, inputs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Scale s's pooled embeddings (B, N_s, C) combined with the coarser scale's states read at them."""
+        if self.concat:
+            return self.combine[s](torch.cat([inputs, context], dim=-1))
+        return inputs + context
 
     def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
         """Incremental decoding of token t, x (B, 1, C): the scales that complete a block at t run coarse to
@@ -69,10 +71,7 @@ class TopDown(nn.Module):
                 context = h if h is not None else cache.get(f"newest{s + 1}")
                 if context is None:  # no block of scale s + 1 is ready yet
                     context = self.upsamples[s].no_context.to(inputs).expand_as(inputs)
-                if self.concat:
-                    inputs = self.combine[s](torch.cat([inputs, context], dim=-1))
-                else:
-                    inputs = inputs + context
+                inputs = self.with_context(s, inputs, context)
             h = self.stacks[s].step(inputs, t, cache, f"scale{s}")
             if s > 0:
                 cache[f"newest{s}"] = h
