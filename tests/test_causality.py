@@ -17,6 +17,11 @@ BOTTOM_UP = [
     ("4,4", "1,1", "mean", 0, "hourglass", False),
     ("2,2,2", "1,1,1", "linear", 1, "hourglass", True),
     ("3,2", "1,1", "max", 0, "hourglass", False),
+    # (..., bottom_up_combine): Hourglass-style residual upsampling, alone and with the attention aggregation
+    ("4,4", "1,1", "mean", 1, "hourglass", False, "residual"),
+    ("2,3", "1,1", "linear", 0, "complete", True, "residual"),
+    ("2,2,2", "1,1,1", "max", 1, "complete", False, "both"),
+    ("3,2", "1,2", "mean", 0, "hourglass", True, "both"),
 ]
 TOP_DOWN = [
     ("2", "1", "mean", "add", "complete", False),
@@ -30,9 +35,9 @@ ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff="10,20", adaptive_sof
                 tie_adaptive_weights=True, adaptive_input_factor=2, adaptive_softmax_factor=2)
 
 
-def bottom_up_model(factors, layers, pool, before, rule, adaptive):
+def bottom_up_model(factors, layers, pool, before, rule, adaptive, combine="attention"):
     options = dict(pool_factors=factors, scale_layers=layers, pool_type=pool, token_layers_before_pooling=before,
-                   shift_rule=rule, token_layers=1, **(ADAPTIVE if adaptive else {}))
+                   shift_rule=rule, token_layers=1, bottom_up_combine=combine, **(ADAPTIVE if adaptive else {}))
     return build_model("msformer_lm_bottom_up", **options)
 
 

@@ -15,6 +15,11 @@ CONFIGS = {  # 40 tokens cross several block boundaries at every scale of each c
     "bottom_up-4,2-hourglass": ("msformer_lm_bottom_up", dict(pool_factors="4,2", scale_layers="1,1",
                                                               shift_rule="hourglass", pool_type="max")),
     "bottom_up-2,2,2": ("msformer_lm_bottom_up", dict(pool_factors="2,2,2", scale_layers="1,1,1")),
+    "bottom_up-4,2-residual": ("msformer_lm_bottom_up", dict(pool_factors="4,2", scale_layers="1,1",
+                                                             bottom_up_combine="residual", shift_rule="hourglass",
+                                                             token_layers_before_pooling=1)),
+    "bottom_up-2,3-both": ("msformer_lm_bottom_up", dict(pool_factors="2,3", scale_layers="1,1",
+                                                         bottom_up_combine="both", pool_type="linear")),
     "top_down-2,3-concat": ("msformer_lm_top_down", dict(pool_factors="2,3", scale_layers="1,1",
                                                          top_down_combine="concat")),
     "top_down-4,4-hourglass": ("msformer_lm_top_down", dict(pool_factors="4,4", scale_layers="1,1",
@@ -59,7 +64,8 @@ def test_incremental_catches_up_on_a_whole_prompt():
     torch.testing.assert_close(last, full[:, -1].detach(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["bottom_up-4,2-hourglass", "top_down-2,2,2-adaptive", "retina-2,2-bounded-linear"])
+@pytest.mark.parametrize("name", ["bottom_up-4,2-hourglass", "bottom_up-4,2-residual", "top_down-2,2,2-adaptive",
+                                  "retina-2,2-bounded-linear"])
 def test_beam_search_scores_equal_full_pass(name):
     """SequenceGenerator with beam 4 (reorder_incremental_state at every step): each hypothesis's per-token
     scores equal what one full forward pass gives the same tokens."""

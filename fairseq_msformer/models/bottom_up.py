@@ -1,14 +1,22 @@
-"""Bottom-up family: fine to coarse, then one aggregation layer back to tokens (design.md §3).
+"""Bottom-up family: fine to coarse, then back to tokens (design.md §3).
 
-    tokens ──[token layers before pooling (default 0)]──┐
+    tokens ──[token layers before pooling]──┐
       pool ─> scale-1 layers ─> pool ─> scale-2 layers ─> ...   (most layers run on T / K_s positions)
-    aggregation: each token attends over the token states and every block the causality rule allows, + FFN
+    back to tokens (--bottom-up-combine):
+      attention  the aggregation layer: each token attends over the token states and every block the causality
+                 rule allows, + FFN (the paper's description)
+      residual   each scale's states are causally upsampled, projected and added to the token stream
+                 (Hourglass); the aggregation layer is then an ordinary token layer (no T x T block mask)
+      both       the residual, then the attention aggregation layer
       ─> token-level layers ─> (decoder's final norm and softmax)
 """
 import torch
 import torch.nn as nn
 
-from ..modules import BlockPool, LayerStack, TransformerBlock, causal_block_mask, coarse_scale_positions
+from ..modules import (
+    BlockPool, CausalUpsample, LayerStack, TransformerBlock, causal_block_mask, coarse_scale_positions,
+    upsample_index,
+)
 from ..modules.attention import append_cache
 
 
@@ -23,6 +31,12 @@ class BottomUp(nn.Module):
         )
         self.positions = coarse_scale_positions(args, grid)
         self.scales = nn.ModuleList(LayerStack(args, n) for n in plan.scale_layers)
+        combine = getattr(args, "bottom_up_combine", "attention")
+        self.attend_blocks = combine in ("attention", "both")
+        self.residual = combine in ("residual", "both")
+        if self.residual:  # upsamples[s - 1] and up_projs[s - 1] carry scale s to the tokens
+            self.upsamples = nn.ModuleList(CausalUpsample(dim) for _ in grid.pool_factors)
+            self.up_projs = nn.ModuleList(nn.Linear(dim, dim) for _ in grid.pool_factors)
         self.aggregate = TransformerBlock(args)
         self.token_layers = LayerStack(args, args.token_layers, final_norm=False)
 
@@ -35,9 +49,15 @@ class BottomUp(nn.Module):
             h = layers(positions(pool(h)), inner_states)  # (B, T / K_s, C)
             blocks.append(h)
             ready.append(self.grid.ready(s, h.size(1), x.device))
-        # token t reads token u <= t and block j of scale s once it is ready: (T, T + sum_s T / K_s)
-        mask = causal_block_mask(ready[0], torch.cat(ready))
-        x = self.aggregate(x, extra_memory=torch.cat(blocks, dim=1), mask=mask)
+        if self.residual:  # every token gets the newest ready block of every scale added to its stream
+            for s, h in enumerate(blocks, start=1):
+                x = x + self.up_projs[s - 1](self.upsamples[s - 1](h, upsample_index(ready[0], ready[s])))
+        if self.attend_blocks:
+            # token t reads token u <= t and block j of scale s once it is ready: (T, T + sum_s T / K_s)
+            mask = causal_block_mask(ready[0], torch.cat(ready))
+            x = self.aggregate(x, extra_memory=torch.cat(blocks, dim=1), mask=mask)
+        else:
+            x = self.aggregate(x)
         inner_states.append(x)
         return self.token_layers(x, inner_states)
 
@@ -52,6 +72,16 @@ class BottomUp(nn.Module):
                 break
             h = layers.step(positions(h, offset=self.grid.newest_block(s, t)), t, cache, f"scale{s}")
             new_blocks.append(h)
+        if self.residual:
+            for s, (upsample, proj) in enumerate(zip(self.upsamples, self.up_projs), start=1):
+                if s <= len(new_blocks):
+                    cache[f"newest{s}"] = new_blocks[s - 1]  # (B, 1, C)
+                newest = cache.get(f"newest{s}")
+                if newest is None:  # no block of scale s is ready yet
+                    newest = upsample.no_context.to(x).expand_as(x)
+                x = x + proj(newest)
+        if not self.attend_blocks:
+            return self.token_layers.step(self.aggregate.step(x, t, cache, "aggregate"), t, cache, "after")
         attn = self.aggregate.attn
         if new_blocks:
             blocks = torch.cat(new_blocks, dim=1)  # (B, n_new, C)

@@ -46,6 +46,13 @@ class MsformerLMConfig(FairseqDataclass):
         metadata={"help": "causality rule: 'complete' reads a block once all its tokens are past; 'hourglass' "
                           "shifts right by r-1 before pooling (fresher blocks, also leak-free)"},
     )
+    bottom_up_combine: ChoiceEnum(["attention", "residual", "both"]) = field(
+        default="attention",
+        metadata={"help": "bottom-up only: how the coarse scales reach the tokens: 'attention' (the aggregation "
+                          "layer attends over tokens and every ready block, the paper's description), 'residual' "
+                          "(Hourglass: each scale's newest ready block is upsampled, projected and added to the "
+                          "token stream; the aggregation layer is then a plain token layer), or 'both'"},
+    )
     top_down_combine: ChoiceEnum(["add", "concat"]) = field(
         default="add",
         metadata={"help": "top-down only: add the upsampled coarse states to the finer scale's pooled "

@@ -148,3 +148,32 @@ def msformer_lm_retina_wiki103(args):
     _defaults(args, pool_factors="4,4", token_layers=16, retina_windows=";".join([low] * 8 + [high] * 8))
     _wiki103(args)
     msformer_lm_retina(args)
+
+
+def _paper(args):
+    """Paper-scale models (30 layers, most at coarse scales) at the width of a mid-sized LM.
+
+    The layouts were chosen with scripts/benchmark.py (README, "Paper-scale presets"): against a 14-layer
+    transformer_lm at T = 2048 they keep at most 0.70x its activation memory and train at least 2x as fast.
+    """
+    _defaults(
+        args, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8, dropout=0.1,
+        pool_factors="4,4",
+    )
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_bottom_up_paper")
+def msformer_lm_bottom_up_paper(args):
+    # 30 layers: 1 token layer + 12 at /4 + 14 at /16 + aggregation + 2 token layers (4 of them token-level)
+    _defaults(args, token_layers_before_pooling=1, scale_layers="12,14", token_layers=2,
+              bottom_up_combine="residual", shift_rule="hourglass")
+    _paper(args)
+    msformer_lm_bottom_up(args)
+
+
+@register_model_architecture("msformer_lm", "msformer_lm_top_down_paper")
+def msformer_lm_top_down_paper(args):
+    # 30 layers: 14 at /16 + 12 at /4 + 4 token layers
+    _defaults(args, scale_layers="12,14", token_layers=4, shift_rule="hourglass")
+    _paper(args)
+    msformer_lm_top_down(args)

@@ -1,0 +1,445 @@
+#!/usr/bin/env python
+"""The paper's trade-off in miniature: fairseq's transformer_lm (L layers) against deeper multi-scale models.
+
+Every model of a suite is trained by fairseq-train on the shipped corpus (data-bin/pydoc) with the same data, token
+budget, seed, optimizer and schedule, then scored by fairseq-eval-lm on valid and test (--context-window). For each
+model the results hold: parameters, valid/test perplexity, the learning curve (valid perplexity every
+--validate-every updates against tokens and against training seconds), bytes saved for backward by one training
+step of the real model and criterion on a batch of the training shape (activation memory), the training process's
+peak resident memory, training tokens/s (tokens / the seconds fairseq's train_wall meter counts in train steps),
+and wall time. Outputs: results.json, results.md (the table) and PNGs (learning curves; perplexity against
+activation memory) in --out.
+
+Resumable: a model whose results are in results.json with the same settings is skipped; an interrupted one resumes
+from its checkpoint_last.pt (fairseq's own resume), and the learning curve keeps the entries of the updates that
+survived. Models run one after another, each with --threads threads.
+
+  python scripts/reproduce.py                     # suite "main", ~100 minutes on 2 CPU cores
+  python scripts/reproduce.py --suite ablation    # the bottom-up design ablation
+  python scripts/reproduce.py --quick --out /tmp/q   # a few updates of tiny models (the tests)
+  python scripts/reproduce.py --only transformer_lm bottom_up   # a subset (others already in results.json stay)
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = "transformer_lm"
+
+# ---------------------------------------------------------------- the experiment
+# Shared by every model: width 128, FFN 512, 4 heads, dropout 0.1, adaptive input and softmax (tied), pre-norm.
+# transformer_lm gets --decoder-input-dim/--decoder-output-dim equal to the width (else it keeps 512-d embeddings).
+MODEL = ["--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512", "--decoder-attention-heads", "4",
+         "--dropout", "0.1", "--adaptive-input", "--adaptive-input-cutoff", "2000,6000",
+         "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights"]
+BASELINE_DIMS = ["--decoder-input-dim", "128", "--decoder-output-dim", "128", "--decoder-normalize-before"]
+QUICK_MODEL = ["--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+               "--dropout", "0.1", "--adaptive-input", "--adaptive-input-cutoff", "2000,6000",
+               "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights"]
+QUICK_BASELINE_DIMS = ["--decoder-input-dim", "32", "--decoder-output-dim", "32", "--decoder-normalize-before"]
+
+BOTTOM_UP = ["--arch", "msformer_lm_bottom_up", "--pool-factors", "4,4"]
+# The bottom-up design the ablation chose: 1 token layer, 2 layers at /4, 6 at /16, Hourglass-style residual
+# upsampling with the hourglass shift, a token layer (the aggregation layer), 1 more token layer: 11 layers,
+# 3 of them at token level (transformer_lm has 4).
+BOTTOM_UP_BEST = ["--scale-layers", "2,6", "--token-layers-before-pooling", "1", "--token-layers", "1",
+                  "--bottom-up-combine", "residual", "--shift-rule", "hourglass", "--pool-type", "mean"]
+BEST_LAYOUT = "1 token + 2 at /4 + 6 at /16 + aggregation + 1 token = 11"
+
+
+def variant(**changes):
+    """BOTTOM_UP_BEST with some options changed (the ablation)."""
+    args = list(BOTTOM_UP_BEST)
+    for option, value in changes.items():
+        flag = "--" + option.replace("_", "-")
+        args[args.index(flag) + 1] = str(value)
+    return BOTTOM_UP + args
+
+
+TRANSFORMER_LM_4 = (["--arch", "transformer_lm", "--decoder-layers", "4"], "4 token layers")
+SUITES = {
+    # L = 4 token layers for transformer_lm; the pooling families have more than 2L = 8 layers.
+    "main": {
+        BASELINE: TRANSFORMER_LM_4,
+        "bottom_up": (BOTTOM_UP + BOTTOM_UP_BEST, BEST_LAYOUT),
+        "top_down": (["--arch", "msformer_lm_top_down", "--pool-factors", "4,4", "--scale-layers", "2,6",
+                      "--token-layers", "3", "--shift-rule", "hourglass"], "6 at /16 + 2 at /4 + 3 token = 11"),
+        "retina": (["--arch", "msformer_lm_retina", "--pool-factors", "4,4", "--token-layers", "4",
+                    "--retina-windows", "64,256,-1"], "4 token layers (W=64, /4 to 256, /16 beyond)"),
+    },
+    # One change at a time from the chosen bottom-up design (what the paper leaves open).
+    "ablation": {
+        BASELINE: TRANSFORMER_LM_4,
+        "transformer_lm_3": (["--arch", "transformer_lm", "--decoder-layers", "3"], "3 token layers"),
+        "chosen": (BOTTOM_UP + BOTTOM_UP_BEST, BEST_LAYOUT),
+        "attention_aggregation": (variant(bottom_up_combine="attention"), "aggregation layer reads blocks (paper)"),
+        "residual_and_attention": (variant(bottom_up_combine="both"), "residual upsampling + aggregation attention"),
+        "complete_rule": (variant(shift_rule="complete"), "complete-block rule instead of the hourglass shift"),
+        "no_token_layer_before": (variant(token_layers_before_pooling=0, token_layers=2),
+                                  "0 token layers before pooling, 2 after"),
+        "two_token_layers_before": (variant(token_layers_before_pooling=2, token_layers=0),
+                                    "2 token layers before pooling, 0 after"),
+        "max_pooling": (variant(pool_type="max"), "max pooling"),
+        "linear_pooling": (variant(pool_type="linear"), "linear pooling (concat + project)"),
+        "layers_4_4": (variant(scale_layers="4,4"), "4 at /4 + 4 at /16 instead of 2 + 6"),
+    },
+}
+SUITE_UPDATES = {"main": 1200, "ablation": 400}
+QUICK = {  # tiny stand-ins with the same families (the tests run these)
+    BASELINE: (["--arch", "transformer_lm", "--decoder-layers", "1"], "1 token layer"),
+    "bottom_up": (["--arch", "msformer_lm_bottom_up", "--pool-factors", "2,2", "--scale-layers", "1,1",
+                   "--token-layers", "1"], "1 at /2 + 1 at /4 + aggregation + 1 token = 4"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", default="main", choices=sorted(SUITES), help="which set of models")
+    p.add_argument("--only", nargs="+", help="train and score only these models of the suite")
+    p.add_argument("--out", help="results folder (default: docs/<suite>, or a temporary-style folder with --quick)")
+    p.add_argument("--save-root", help="checkpoints and logs (default: checkpoints/reproduce/<suite>)")
+    p.add_argument("--data", default=os.path.join(REPO, "data-bin", "pydoc"), help="binarized corpus")
+    p.add_argument("--updates", type=int, help=f"training updates per model (same for all; default {SUITE_UPDATES})")
+    p.add_argument("--tokens-per-sample", type=int, default=512, help="training sample length T")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per update (batch = max-tokens / T)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam peak learning rate (inverse_sqrt schedule)")
+    p.add_argument("--warmup-updates", type=int, default=200, help="linear warm-up updates")
+    p.add_argument("--validate-every", type=int, default=100, help="updates between validations (the curves)")
+    p.add_argument("--context-window", type=int, default=256, help="fairseq-eval-lm --context-window")
+    p.add_argument("--threads", type=int, default=2, help="OMP threads per training run")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny models, a few updates: checks the pipeline")
+    opts = p.parse_args(argv)
+    opts.updates = opts.updates or SUITE_UPDATES[opts.suite]
+    if opts.quick:
+        opts.updates, opts.tokens_per_sample, opts.max_tokens = 8, 64, 512
+        opts.warmup_updates, opts.validate_every, opts.context_window = 4, 4, 32
+    opts.out = opts.out or os.path.join(REPO, "docs", opts.suite + ("-quick" if opts.quick else ""))
+    opts.save_root = opts.save_root or os.path.join(REPO, "checkpoints", "reproduce",
+                                                    opts.suite + ("-quick" if opts.quick else ""))
+    if opts.validate_every <= 0 or opts.updates % opts.validate_every:
+        p.error("--updates must be a multiple of --validate-every")
+    return opts
+
+
+def models_of(opts):
+    """name -> (fairseq-train model arguments, layout description)."""
+    suite = QUICK if opts.quick else SUITES[opts.suite]
+    shared, dims = (QUICK_MODEL, QUICK_BASELINE_DIMS) if opts.quick else (MODEL, BASELINE_DIMS)
+    models = {}
+    for name, (args, layout) in suite.items():
+        if opts.only and name not in opts.only:
+            continue
+        models[name] = (args + shared + (dims if name == BASELINE or "transformer_lm" in args else []), layout)
+    return models
+
+
+def train_command(opts, name, model_args):
+    save_dir = os.path.join(opts.save_root, name)
+    return [
+        fairseq_script("fairseq-train"), opts.data, "--user-dir", os.path.join(REPO, "fairseq_msformer"),
+        "--task", "multiscale_language_modeling", "--cpu", *model_args,
+        "--tokens-per-sample", str(opts.tokens_per_sample), "--sample-break-mode", "none",
+        "--max-tokens", str(opts.max_tokens), "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0", "--lr", str(opts.lr),
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(opts.warmup_updates), "--warmup-init-lr", "1e-5",
+        "--max-update", str(opts.updates), "--seed", str(opts.seed), "--num-workers", "0",
+        "--validate-interval-updates", str(opts.validate_every), "--validate-interval", "100000",
+        "--save-interval-updates", str(opts.validate_every), "--keep-interval-updates", "1",
+        "--no-epoch-checkpoints", "--save-dir", save_dir,
+        "--log-format", "json", "--log-interval", str(max(1, opts.validate_every // 5)),
+        "--log-file", os.path.join(save_dir, "train.log"),
+    ]
+
+
+def fairseq_script(name):
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def run_child(command, env, log_path=None):
+    """Run a command to the end; returns (exit code, peak resident MiB of that process, seconds, output)."""
+    start = time.perf_counter()
+    with open(log_path or os.devnull, "a") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                cwd=REPO)
+        output = []
+        for line in proc.stdout:
+            output.append(line)
+            log.write(line)
+            if "| train_inner |" in line or "| valid |" in line or "error" in line.lower():
+                print("    " + line.rstrip()[-150:], flush=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - start, "".join(output)
+
+
+# ---------------------------------------------------------------- reading fairseq's logs
+LOG_ENTRY = re.compile(r'^(\{".*\})\s*$')  # --log-file holds the json lines alone (no time or tag)
+
+
+def read_log(path):
+    """Learning curve from fairseq's json log, and the cumulative (train seconds, tokens) at the last update.
+
+    Seconds of an interval between two train_inner entries are its tokens / fairseq's wps, which is exact to
+    0.1 token/s; but fairseq's wps meter also runs through a validation (and a checkpoint save, or the start of a
+    resumed run), so for the interval that follows one the train_wall meter (train steps only, whole seconds) is
+    used instead. A resumed run repeats the updates after its last checkpoint; the later entries win, so time
+    spent on work lost to the interruption is not counted."""
+    train, valid = {}, {}
+    with open(path) as f:
+        for line in f:
+            match = LOG_ENTRY.search(line)
+            if not match:
+                continue
+            stats = json.loads(match.group(1))
+            if "num_updates" in stats and "loss" in stats:  # train_inner
+                update = int(stats["num_updates"])
+                train = {u: v for u, v in train.items() if u < update}  # drop entries a resume redid
+                train[update] = (float(stats["train_wall"]), float(stats["wpb"]), float(stats["wps"]))
+            elif "valid_ppl" in stats:
+                valid[int(stats["valid_num_updates"])] = float(stats["valid_ppl"])
+    seconds = tokens = 0.0
+    previous, cumulative = 0, {}
+    for update in sorted(train):
+        train_wall, wpb, wps = train[update]
+        interval_tokens = wpb * (update - previous)
+        after_pause = previous == 0 or previous in valid
+        seconds += train_wall if after_pause or wps <= 0 else interval_tokens / wps
+        tokens += interval_tokens
+        cumulative[update], previous = (seconds, tokens), update
+    curve = []
+    for update in sorted(valid):
+        known = [u for u in cumulative if u <= update]
+        if known:
+            s, t = cumulative[max(known)]
+            curve.append({"updates": update, "tokens": t, "train_seconds": s, "valid_ppl": valid[update]})
+    return curve, cumulative[max(cumulative)] if cumulative else (0.0, 0.0)
+
+
+def parse_eval(output):
+    ppl = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", output)
+    speed = re.search(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)", output)
+    if not ppl or not speed:
+        raise RuntimeError("fairseq-eval-lm printed no perplexity:\n" + output[-3000:])
+    return float(ppl.group(2)), float(speed.group(3))
+
+
+# ---------------------------------------------------------------- measuring a trained model
+def activation_memory(checkpoint, data, tokens_per_sample, max_tokens):
+    """MiB saved for backward by one training step (the checkpoint's model and criterion, train mode) on a batch
+    of the training shape (max_tokens / T sequences of T tokens from the validation set), and the parameter
+    count. Runs in this process: call it once per model, in a fresh child (see measure_child)."""
+    import torch
+    from fairseq import checkpoint_utils
+    from benchmark import saved_bytes
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
+    model = models[0].train()
+    criterion = task.build_criterion(cfg.criterion)
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    bsz = max(1, max_tokens // tokens_per_sample)
+    rows = [dataset[i]["source"][:tokens_per_sample] for i in range(bsz)]
+    length = min(len(r) for r in rows)
+    tokens = torch.stack([r[:length] for r in rows])  # (B, T)
+    target = torch.stack([dataset[i]["target"][:length] for i in range(bsz)])
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.full((bsz,), length)},
+              "target": target, "ntokens": target.numel(), "nsentences": bsz}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return {"activation_mib": saved_bytes(step, params) / 2**20,
+            "params": sum(p.numel() for p in model.parameters()),
+            "layers": count_layers(model)}
+
+
+def count_layers(model):
+    from fairseq_msformer.modules import TransformerBlock
+
+    blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
+    return blocks or len(model.decoder.layers)
+
+
+def measure_child(opts, checkpoint, env):
+    """activation_memory in a fresh process (it imports torch and the package once more; no state is shared)."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"sys.path.insert(0, {REPO!r}); import fairseq_msformer; from reproduce import activation_memory; "
+            f"print('RESULT ' + json.dumps(activation_memory({checkpoint!r}, {opts.data!r}, "
+            f"{opts.tokens_per_sample}, {opts.max_tokens})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measuring {checkpoint} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def evaluate(opts, checkpoint, split, env):
+    command = [fairseq_script("fairseq-eval-lm"), opts.data, "--user-dir", os.path.join(REPO, "fairseq_msformer"),
+               "--task", "multiscale_language_modeling", "--cpu", "--path", checkpoint, "--gen-subset", split,
+               "--tokens-per-sample", str(opts.tokens_per_sample), "--context-window", str(opts.context_window),
+               "--max-tokens", str(4 * opts.max_tokens), "--num-workers", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairseq-eval-lm failed:\n{proc.stderr[-3000:]}")
+    return parse_eval(proc.stdout + proc.stderr)
+
+
+def run_model(opts, name, model_args, layout, env):
+    save_dir = os.path.join(opts.save_root, name)
+    os.makedirs(save_dir, exist_ok=True)
+    command = train_command(opts, name, model_args)
+    print(f"== {name}: {layout}\n   {' '.join(shlex.quote(c) for c in command)}", flush=True)
+    code, peak_mib, seconds, output = run_child(command, env)
+    if code != 0:
+        raise RuntimeError(f"fairseq-train failed for {name} (exit {code}):\n" + output[-3000:])
+    curve, (train_seconds, tokens) = read_log(os.path.join(save_dir, "train.log"))
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    result = {"name": name, "layout": layout, "train_args": model_args, "curve": curve,
+              "train_seconds": train_seconds, "train_tokens": tokens,
+              "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
+              "peak_rss_mib": peak_mib, "process_seconds_last_run": seconds}
+    result.update(measure_child(opts, checkpoint, env))
+    for split in ("valid", "test"):
+        result[f"{split}_ppl"], result[f"{split}_eval_tokens_per_s"] = evaluate(opts, checkpoint, split, env)
+    print(f"   {name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
+          f"{result['params'] / 1e6:.2f}M params, {result['activation_mib']:.1f} MiB saved for backward, "
+          f"{result['train_tokens_per_s']:.0f} train tokens/s", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- reporting
+def ppl_at_seconds(curve, seconds):
+    """Valid perplexity at `seconds` of training, linear between validations (None before the first)."""
+    points = [(c["train_seconds"], c["valid_ppl"]) for c in curve]
+    for (s0, p0), (s1, p1) in zip(points, points[1:]):
+        if s0 <= seconds <= s1:
+            return p0 + (p1 - p0) * (seconds - s0) / (s1 - s0) if s1 > s0 else p1
+    return points[-1][1] if points and abs(points[-1][0] - seconds) < 1e-6 else None
+
+
+def table(results, opts):
+    base = results.get(BASELINE)
+    equal_wall = min(r["train_seconds"] for r in results.values())
+    lines = [
+        f"| model | layers | params | valid ppl | test ppl | valid ppl at {equal_wall / 60:.1f} min | "
+        f"activation MiB | peak RSS MiB | train tokens/s | eval tokens/s | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.values():
+        def ratio(key):
+            return f" ({r[key] / base[key]:.2f}x)" if base and r is not base else ""
+        at_wall = ppl_at_seconds(r["curve"], equal_wall)
+        lines.append(
+            f"| {r['name']} | {r['layout']} | {r['params'] / 1e6:.2f}M | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
+            f"{at_wall:.2f} | {r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f} | "
+            f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | {r['valid_eval_tokens_per_s']:.0f} | "
+            f"{r['train_seconds'] / 60:.1f} |" if at_wall is not None else
+            f"| {r['name']} | {r['layout']} | {r['params'] / 1e6:.2f}M | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
+            f"- | {r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f} | "
+            f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | {r['valid_eval_tokens_per_s']:.0f} | "
+            f"{r['train_seconds'] / 60:.1f} |")
+    notes = (f"\n{opts.updates} updates of {opts.max_tokens} tokens (T = {opts.tokens_per_sample}), seed {opts.seed}, "
+             f"one run per model, {'/'.join(str(t) for t in sorted({r['threads'] for r in results.values()}))} thread(s), CPU fp32. Perplexity: fairseq-eval-lm --tokens-per-sample "
+             f"{opts.tokens_per_sample} --context-window {opts.context_window}. Activation MiB: bytes saved for "
+             f"backward by one training step (model + adaptive_loss) on {max(1, opts.max_tokens // opts.tokens_per_sample)}"
+             f" x {opts.tokens_per_sample} tokens; peak RSS: the fairseq-train process. Train tokens/s: training tokens / "
+             f"training seconds (validation and checkpointing excluded; see read_log). Ratios are to {BASELINE}.\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def plot(results, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in results.values():
+        tokens = [c["tokens"] / 1e6 for c in r["curve"]]
+        minutes = [c["train_seconds"] / 60 for c in r["curve"]]
+        ppl = [c["valid_ppl"] for c in r["curve"]]
+        label = f"{r['name']} ({r['layers']} layers)"
+        axes[0].plot(tokens, ppl, marker="o", ms=3, label=label)
+        axes[1].plot(minutes, ppl, marker="o", ms=3, label=label)
+    axes[0].set_xlabel("training tokens (millions)")
+    axes[1].set_xlabel("training minutes (train steps only)")
+    axes[0].set_ylabel("validation perplexity")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Learning curves (valid perplexity, fairseq's in-training validation)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "learning_curves.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in results.values():
+        ax.scatter(r["activation_mib"], r["valid_ppl"], s=40)
+        ax.annotate(f"{r['name']}\n{r['layers']} layers", (r["activation_mib"], r["valid_ppl"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("activation memory: MiB saved for backward per training step")
+    ax.set_ylabel("validation perplexity (fairseq-eval-lm)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Perplexity against memory (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "perplexity_vs_memory.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    runs_dir = os.path.join(opts.out, "runs")  # one file per model: several invocations can share a suite
+    os.makedirs(runs_dir, exist_ok=True)
+    settings = {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads")}
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads),
+               PYTHONUNBUFFERED="1")
+    models = models_of(opts)
+    start = time.perf_counter()
+    for i, (name, (model_args, layout)) in enumerate(models.items(), start=1):
+        path = os.path.join(runs_dir, name + ".json")
+        old = json.load(open(path)) if os.path.exists(path) else None
+        if old and old.get("settings") == settings and old.get("train_args") == model_args:
+            print(f"== {name}: done earlier ({path}), skipped", flush=True)
+            continue
+        print(f"[{i}/{len(models)}] {time.perf_counter() - start:.0f}s so far", flush=True)
+        result = run_model(opts, name, model_args, layout, env)
+        result["settings"], result["threads"] = settings, opts.threads
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)  # a crash never leaves a half-written result
+    report(opts, settings)
+
+
+def report(opts, settings):
+    """results.json, results.md and the plots from every finished model of the suite (in the suite's order)."""
+    results = {}
+    for name in models_of(argparse.Namespace(**{**vars(opts), "only": None})):
+        path = os.path.join(opts.out, "runs", name + ".json")
+        if os.path.exists(path):
+            result = json.load(open(path))
+            if result.get("settings") == settings:
+                results[name] = result
+    if not results:
+        return
+    with open(os.path.join(opts.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(opts.out, "results.md"), "w") as f:
+        f.write(table(results, opts))
+    plot(results, opts.out)
+    print("\n" + table(results, opts) + f"\nwritten to {opts.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The benchmark and the reproduction run end to end (tiny settings) and write what they promise."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPTS = os.path.join(REPO, "scripts")
+
+
+def run(script, *args, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_benchmark_side_by_side(tmp_path):
+    out = run("benchmark.py", "--models", "transformer_lm", "bottom_up", "--modes", "train", "generate",
+              "--lengths", "64", "--retina-lengths", "--generate-lengths", "16", "--dim", "32", "--ffn", "64",
+              "--heads", "2", "--layers", "2", "--vocab", "100", "--repeats", "1", "--generate-steps", "2",
+              "--target-length", "64", "--out", tmp_path)
+    results = json.load(open(tmp_path / "benchmark.json"))["results"]
+    assert {(r["model"], r["mode"]) for r in results} == {
+        (m, mode) for m in ("transformer_lm", "bottom_up") for mode in ("train", "generate")}
+    assert all("error" not in r for r in results), results
+    train = {r["model"]: r for r in results if r["mode"] == "train"}
+    assert all(r["saved_mib"] > 0 and r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in train.values())
+    assert "30 layers" in train["bottom_up"]["layout"]  # the paper preset, at the width asked for
+    table = open(tmp_path / "benchmark.md").read()
+    assert "MiB saved for backward" in table and "bottom_up at T=64: saved MiB" in table
+    assert os.path.getsize(tmp_path / "benchmark.png") > 0
+    assert "written:" in out
+
+
+def test_reproduce_quick_is_resumable(tmp_path):
+    out_dir, save_root = tmp_path / "out", tmp_path / "ckpt"
+    run("reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
+    results = json.load(open(out_dir / "results.json"))
+    assert set(results) == {"transformer_lm", "bottom_up"}
+    for r in results.values():
+        assert [c["updates"] for c in r["curve"]] == [4, 8]
+        assert r["curve"][-1]["tokens"] > r["curve"][0]["tokens"] > 0
+        assert 1 < r["valid_ppl"] < 20000 and 1 < r["test_ppl"] < 20000
+        assert r["activation_mib"] > 0 and r["params"] > 0 and r["peak_rss_mib"] > 0
+        assert r["train_seconds"] > 0 and r["train_tokens_per_s"] > 0
+    for name in ("results.md", "learning_curves.png", "perplexity_vs_memory.png"):
+        assert os.path.getsize(out_dir / name) > 0
+    again = run("reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
+    assert again.count("done earlier") == 2 and "[1/2]" not in again  # nothing trained again
