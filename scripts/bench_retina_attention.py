@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark retina attention against dense causal self-attention (issue 3, item 2).
+"""Benchmark one retina attention layer against dense causal self-attention (scripts/benchmark.py measures whole
+models; this is its layer-level companion and shares its measuring code).
 
 At each sample length T, self-attention of the same width runs forward + backward in four ways:
 
@@ -36,10 +37,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fairseq.modules import MultiheadAttention  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (the model-level benchmark; this script measures one attention layer)
+
 from fairseq_msformer.modules import MultiScaleAttention, ScaleGrid  # noqa: E402
 from fairseq_msformer.modules.retina_attention import RetinaAttention  # noqa: E402
 
-MIB = 2.0**20
+MIB = benchmark.MIB
 SDPA, MHA = "sdpa-causal", "fairseq MHA"
 Method = namedtuple("Method", "name module run time_major")
 
@@ -127,21 +131,10 @@ def fwd_bwd(method, x):
 
 
 def saved_bytes(method, x):
-    """Bytes autograd keeps for backward: each packed tensor's storage once; parameters/buffers excluded."""
+    """Bytes autograd keeps for backward (benchmark.saved_bytes); parameters and buffers excluded."""
     persistent = {t.untyped_storage().data_ptr() for t in [*method.module.parameters(), *method.module.buffers()]}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in persistent and s.data_ptr() != 0:
-            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
     method.module.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = method.run(x)
-    out.sum().backward()  # frees the graph
-    return sum(storages.values())
+    return benchmark.saved_bytes(lambda: method.run(x).sum().backward(), persistent)
 
 
 def keys_per_chunk(retina, t):
