@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=14, help="transformer_lm layers L (and retina's token layers)")
     p.add_argument("--bottom-up-arch", default="msformer_lm_bottom_up_paper", help="bottom_up preset")
     p.add_argument("--top-down-arch", default="msformer_lm_top_down_paper", help="top_down preset")
+    p.add_argument("--bottom-up-options", default="", help="override the preset: 'scale_layers=8,18 token_layers=2'")
+    p.add_argument("--top-down-options", default="", help="override the preset: 'scale_layers=12,14 token_layers=4'")
     p.add_argument("--retina-windows", default="64,256,-1", help="retina: horizons per scale (W first)")
     p.add_argument("--pool-factors", default=None, help="override the presets' pooling factors")
     p.add_argument("--vocab", type=int, default=10000, help="vocabulary words (plus fairseq's 4 specials)")
@@ -118,6 +120,10 @@ def build(name, opts, task, max_positions):
         options.update(token_layers=opts.layers, retina_windows=opts.retina_windows)
     if opts.pool_factors:
         options["pool_factors"] = opts.pool_factors
+    overrides = {"bottom_up": opts.bottom_up_options, "top_down": opts.top_down_options}.get(name, "")
+    for item in overrides.split():  # key=value, as the dataclass field names (ints stay strings where they are)
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
     args = argparse.Namespace(**options)
     ARCH_CONFIG_REGISTRY[arch](args)
     fill_dataclass_defaults(args, MsformerLMConfig)

@@ -45,12 +45,12 @@ QUICK_MODEL = ["--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--
 QUICK_BASELINE_DIMS = ["--decoder-input-dim", "32", "--decoder-output-dim", "32", "--decoder-normalize-before"]
 
 BOTTOM_UP = ["--arch", "msformer_lm_bottom_up", "--pool-factors", "4,4"]
-# The bottom-up design the ablation chose: 1 token layer, 2 layers at /4, 6 at /16, Hourglass-style residual
-# upsampling with the hourglass shift, a token layer (the aggregation layer), 1 more token layer: 11 layers,
-# 3 of them at token level (transformer_lm has 4).
-BOTTOM_UP_BEST = ["--scale-layers", "2,6", "--token-layers-before-pooling", "1", "--token-layers", "1",
+# The bottom-up design the ablation chose, Hourglass-shaped: 1 token layer, 2 layers at /4, 8 at /16, residual
+# upsampling with the hourglass shift, then the aggregation layer (a token layer): 12 layers, 2 of them at token
+# level (transformer_lm has 4), so less activation memory than transformer_lm.
+BOTTOM_UP_BEST = ["--scale-layers", "2,8", "--token-layers-before-pooling", "1", "--token-layers", "0",
                   "--bottom-up-combine", "residual", "--shift-rule", "hourglass", "--pool-type", "mean"]
-BEST_LAYOUT = "1 token + 2 at /4 + 6 at /16 + aggregation + 1 token = 11"
+BEST_LAYOUT = "1 token + 2 at /4 + 8 at /16 + aggregation = 12"
 
 
 def variant(**changes):
@@ -64,12 +64,12 @@ def variant(**changes):
 
 TRANSFORMER_LM_4 = (["--arch", "transformer_lm", "--decoder-layers", "4"], "4 token layers")
 SUITES = {
-    # L = 4 token layers for transformer_lm; the pooling families have more than 2L = 8 layers.
+    # L = 4 token layers for transformer_lm; the pooling families have more than 2L = 8 layers, 2 at token level.
     "main": {
         BASELINE: TRANSFORMER_LM_4,
         "bottom_up": (BOTTOM_UP + BOTTOM_UP_BEST, BEST_LAYOUT),
-        "top_down": (["--arch", "msformer_lm_top_down", "--pool-factors", "4,4", "--scale-layers", "2,6",
-                      "--token-layers", "3", "--shift-rule", "hourglass"], "6 at /16 + 2 at /4 + 3 token = 11"),
+        "top_down": (["--arch", "msformer_lm_top_down", "--pool-factors", "4,4", "--scale-layers", "2,8",
+                      "--token-layers", "2", "--shift-rule", "hourglass"], "8 at /16 + 2 at /4 + 2 token = 12"),
         "retina": (["--arch", "msformer_lm_retina", "--pool-factors", "4,4", "--token-layers", "4",
                     "--retina-windows", "64,256,-1"], "4 token layers (W=64, /4 to 256, /16 beyond)"),
     },
@@ -81,13 +81,11 @@ SUITES = {
         "attention_aggregation": (variant(bottom_up_combine="attention"), "aggregation layer reads blocks (paper)"),
         "residual_and_attention": (variant(bottom_up_combine="both"), "residual upsampling + aggregation attention"),
         "complete_rule": (variant(shift_rule="complete"), "complete-block rule instead of the hourglass shift"),
-        "no_token_layer_before": (variant(token_layers_before_pooling=0, token_layers=2),
-                                  "0 token layers before pooling, 2 after"),
-        "two_token_layers_before": (variant(token_layers_before_pooling=2, token_layers=0),
-                                    "2 token layers before pooling, 0 after"),
+        "token_layer_after": (variant(token_layers_before_pooling=0, token_layers=1),
+                              "0 token layers before pooling, 1 after the aggregation"),
         "max_pooling": (variant(pool_type="max"), "max pooling"),
         "linear_pooling": (variant(pool_type="linear"), "linear pooling (concat + project)"),
-        "layers_4_4": (variant(scale_layers="4,4"), "4 at /4 + 4 at /16 instead of 2 + 6"),
+        "layers_5_5": (variant(scale_layers="5,5"), "5 at /4 + 5 at /16 instead of 2 + 8"),
     },
 }
 SUITE_UPDATES = {"main": 1200, "ablation": 400}
@@ -173,11 +171,23 @@ def run_child(command, env, log_path=None):
         for line in proc.stdout:
             output.append(line)
             log.write(line)
-            if "| train_inner |" in line or "| valid |" in line or "error" in line.lower():
-                print("    " + line.rstrip()[-150:], flush=True)
+            progress = progress_line(line)
+            if progress:
+                print("    " + progress, flush=True)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - start, "".join(output)
+
+
+def progress_line(line):
+    """A short line for fairseq-train's train_inner and valid entries (and errors), else None."""
+    match = re.search(r"\| (train_inner|valid) \| (\{.*\})", line)
+    if not match:
+        return line.rstrip() if "error" in line.lower() else None
+    stats = json.loads(match.group(2))
+    if match.group(1) == "valid":
+        return f"update {stats.get('valid_num_updates')}: valid ppl {stats.get('valid_ppl')}"
+    return f"update {stats.get('num_updates')}: train ppl {stats.get('ppl')}, {stats.get('wps')} tokens/s"
 
 
 # ---------------------------------------------------------------- reading fairseq's logs
