@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine (Python 3.11 or 3.12, package registries reachable):
 #   make demo   - set up .venv, train a small bottom-up model on the shipped corpus, score it, sample from it
 #   make test   - set up .venv and run the whole test suite
+#   make reproduce - transformer_lm against deeper multi-scale models on the shipped corpus (docs/main)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FAIRSEQ_BUILD ?= ve-fairseq==0.12.3
 
-.PHONY: install demo test clean
+.PHONY: install demo test reproduce clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q
+
+# the paper's trade-off in miniature (scripts/reproduce.py; resumable, ~40 minutes on 2 CPU cores)
+reproduce: install
+	$(PY) scripts/reproduce.py --suite main
 
 clean:
 	rm -rf $(VENV) checkpoints/demo

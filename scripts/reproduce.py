@@ -124,6 +124,12 @@ def parse_args(argv=None):
                                                     opts.suite + ("-quick" if opts.quick else ""))
     if opts.validate_every <= 0 or opts.updates % opts.validate_every:
         p.error("--updates must be a multiple of --validate-every")
+    known = QUICK if opts.quick else SUITES[opts.suite]
+    unknown = sorted(set(opts.only or []) - set(known))
+    if unknown:
+        p.error(f"--only: {', '.join(unknown)} not in this suite ({', '.join(known)})")
+    if not os.path.exists(os.path.join(opts.data, "dict.txt")):
+        p.error(f"--data: no binarized corpus at {opts.data} (dict.txt missing)")
     return opts
 
 
@@ -338,33 +344,44 @@ def ppl_at_seconds(curve, seconds):
     return points[-1][1] if points and abs(points[-1][0] - seconds) < 1e-6 else None
 
 
+def seconds_to_reach(curve, ppl):
+    """Training seconds at which the in-training valid perplexity first reaches `ppl` (linear between
+    validations), or None if it never does."""
+    points = [(c["train_seconds"], c["valid_ppl"]) for c in curve]
+    for (s0, p0), (s1, p1) in zip([(0.0, float("inf"))] + points, points):
+        if p1 <= ppl:
+            return s1 if p0 == float("inf") else s0 + (s1 - s0) * (p0 - ppl) / (p0 - p1)
+    return None
+
+
 def table(results, opts):
     base = results.get(BASELINE)
     equal_wall = min(r["train_seconds"] for r in results.values())
     lines = [
         f"| model | layers | params | valid ppl | test ppl | valid ppl at {equal_wall / 60:.1f} min | "
-        f"activation MiB | peak RSS MiB | train tokens/s | eval tokens/s | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"min to {BASELINE}'s final valid ppl | activation MiB | peak RSS MiB | train tokens/s | eval tokens/s | "
+        f"train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    target = base["curve"][-1]["valid_ppl"] if base and base["curve"] else None
     for r in results.values():
         def ratio(key):
             return f" ({r[key] / base[key]:.2f}x)" if base and r is not base else ""
         at_wall = ppl_at_seconds(r["curve"], equal_wall)
+        reach = seconds_to_reach(r["curve"], target) if target else None
         lines.append(
             f"| {r['name']} | {r['layout']} | {r['params'] / 1e6:.2f}M | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
-            f"{at_wall:.2f} | {r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f} | "
-            f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | {r['valid_eval_tokens_per_s']:.0f} | "
-            f"{r['train_seconds'] / 60:.1f} |" if at_wall is not None else
-            f"| {r['name']} | {r['layout']} | {r['params'] / 1e6:.2f}M | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
-            f"- | {r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f} | "
-            f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | {r['valid_eval_tokens_per_s']:.0f} | "
-            f"{r['train_seconds'] / 60:.1f} |")
+            f"{'-' if at_wall is None else f'{at_wall:.2f}'} | {'-' if reach is None else f'{reach / 60:.1f}'} | "
+            f"{r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f}{ratio('peak_rss_mib')} | "
+            f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | "
+            f"{r['valid_eval_tokens_per_s']:.0f}{ratio('valid_eval_tokens_per_s')} | {r['train_seconds'] / 60:.1f} |")
     notes = (f"\n{opts.updates} updates of {opts.max_tokens} tokens (T = {opts.tokens_per_sample}), seed {opts.seed}, "
              f"one run per model, {'/'.join(str(t) for t in sorted({r['threads'] for r in results.values()}))} thread(s), CPU fp32. Perplexity: fairseq-eval-lm --tokens-per-sample "
              f"{opts.tokens_per_sample} --context-window {opts.context_window}. Activation MiB: bytes saved for "
              f"backward by one training step (model + adaptive_loss) on {max(1, opts.max_tokens // opts.tokens_per_sample)}"
              f" x {opts.tokens_per_sample} tokens; peak RSS: the fairseq-train process. Train tokens/s: training tokens / "
-             f"training seconds (validation and checkpointing excluded; see read_log). Ratios are to {BASELINE}.\n")
+             f"training seconds (validation and checkpointing excluded; see read_log). Ratios are to {BASELINE}. 'valid ppl at' and 'min to': in-training validation (no context window), linear between "
+             f"validations every {opts.validate_every} updates.\n")
     return "\n".join(lines) + "\n" + notes
 
 
