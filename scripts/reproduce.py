@@ -422,6 +422,7 @@ def plot(results, out):
         ax.scatter(r["activation_mib"], r["valid_ppl"], s=40)
         ax.annotate(f"{r['name']}\n{r['layers']} layers", (r["activation_mib"], r["valid_ppl"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(0.2)  # room for the labels
     ax.set_xlabel("activation memory: MiB saved for backward per training step")
     ax.set_ylabel("validation perplexity (fairseq-eval-lm)")
     ax.grid(True, alpha=0.3)
