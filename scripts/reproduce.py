@@ -6,18 +6,18 @@ budget, seed, optimizer and schedule, then scored by fairseq-eval-lm on valid an
 model the results hold: parameters, valid/test perplexity, the learning curve (valid perplexity every
 --validate-every updates against tokens and against training seconds), bytes saved for backward by one training
 step of the real model and criterion on a batch of the training shape (activation memory), the training process's
-peak resident memory, training tokens/s (tokens / the seconds fairseq's train_wall meter counts in train steps),
-and wall time. Outputs: results.json, results.md (the table) and PNGs (learning curves; perplexity against
-activation memory) in --out.
+peak resident memory, training tokens/s (tokens / training seconds, validation and checkpointing excluded: see
+read_log), and wall time. Outputs: runs/<model>.json, results.json, results.md (the table) and PNGs (learning
+curves; perplexity against activation memory) in --out.
 
-Resumable: a model whose results are in results.json with the same settings is skipped; an interrupted one resumes
+Resumable: a model whose runs/<model>.json has the same settings is skipped; an interrupted one resumes
 from its checkpoint_last.pt (fairseq's own resume), and the learning curve keeps the entries of the updates that
 survived. Models run one after another, each with --threads threads.
 
-  python scripts/reproduce.py                     # suite "main", ~100 minutes on 2 CPU cores
-  python scripts/reproduce.py --suite ablation    # the bottom-up design ablation
+  python scripts/reproduce.py                     # suite "main" (make reproduce), ~45 minutes on 2 CPU cores
+  python scripts/reproduce.py --suite ablation    # the bottom-up design ablation, ~50 minutes
   python scripts/reproduce.py --quick --out /tmp/q   # a few updates of tiny models (the tests)
-  python scripts/reproduce.py --only transformer_lm bottom_up   # a subset (others already in results.json stay)
+  python scripts/reproduce.py --only transformer_lm bottom_up   # a subset (the others' results stay)
 """
 import argparse
 import json
