@@ -72,6 +72,9 @@ SUITES = {
                       "--token-layers", "2", "--shift-rule", "hourglass"], "8 at /16 + 2 at /4 + 2 token = 12"),
         "retina": (["--arch", "msformer_lm_retina", "--pool-factors", "4,4", "--token-layers", "4",
                     "--retina-windows", "64,256,-1"], "4 token layers (W=64, /4 to 256, /16 beyond)"),
+        # the ablation's best bottom-up (what the presets use), at the full budget
+        "bottom_up_linear": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1),
+                             "2 at /4 + 8 at /16 + aggregation + 1 token = 12, linear pooling"),
     },
     # One change at a time from the chosen bottom-up design (what the paper leaves open).
     "ablation": {
