@@ -28,7 +28,7 @@ demo: install
 test: install
 	$(PY) -m pytest tests -q
 
-# the paper's trade-off in miniature (scripts/reproduce.py; resumable, ~40 minutes on 2 CPU cores)
+# the paper's trade-off in miniature (scripts/reproduce.py; resumable, about an hour on a 2-core CPU)
 reproduce: install
 	$(PY) scripts/reproduce.py --suite main
 

@@ -14,7 +14,7 @@ Resumable: a model whose runs/<model>.json has the same settings is skipped; an 
 from its checkpoint_last.pt (fairseq's own resume), and the learning curve keeps the entries of the updates that
 survived. Models run one after another, each with --threads threads.
 
-  python scripts/reproduce.py                     # suite "main" (make reproduce), ~45 minutes on 2 CPU cores
+  python scripts/reproduce.py                     # suite "main" (make reproduce), about an hour on a 2-core CPU
   python scripts/reproduce.py --suite ablation    # the bottom-up design ablation, ~50 minutes
   python scripts/reproduce.py --quick --out /tmp/q   # a few updates of tiny models (the tests)
   python scripts/reproduce.py --only transformer_lm bottom_up   # a subset (the others' results stay)
