@@ -55,11 +55,11 @@ BEST_LAYOUT = "1 token + 2 at /4 + 8 at /16 + aggregation = 12"
 
 def variant(**changes):
     """BOTTOM_UP_BEST with some options changed (the ablation)."""
-    args = list(BOTTOM_UP_BEST)
+    args = BOTTOM_UP + BOTTOM_UP_BEST
     for option, value in changes.items():
         flag = "--" + option.replace("_", "-")
         args[args.index(flag) + 1] = str(value)
-    return BOTTOM_UP + args
+    return args
 
 
 TRANSFORMER_LM_4 = (["--arch", "transformer_lm", "--decoder-layers", "4"], "4 token layers")
@@ -89,6 +89,9 @@ SUITES = {
         "max_pooling": (variant(pool_type="max"), "max pooling"),
         "linear_pooling": (variant(pool_type="linear"), "linear pooling (concat + project)"),
         "layers_5_5": (variant(scale_layers="5,5"), "5 at /4 + 5 at /16 instead of 2 + 8"),
+        "pool_factors_2_8": (variant(pool_factors="2,8"), "blocks of 2 and 16 tokens instead of 4 and 16"),
+        "three_scales": (variant(pool_factors="4,4,4", scale_layers="2,4,4"),
+                         "blocks of 4, 16 and 64 tokens: 2 + 4 + 4 coarse layers"),
         # the two single changes that helped most, together (what the presets use)
         "linear_and_token_layer_after": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1),
                                          "linear pooling, and the token layer after the aggregation"),

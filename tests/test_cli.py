@@ -17,7 +17,9 @@ ADAPTIVE = ["--adaptive-input", "--adaptive-input-cutoff", "2000,6000", "--adapt
             "--tie-adaptive-weights", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"]
 FAMILIES = {
     "bottom_up": ["--arch", "msformer_lm_bottom_up_tiny", "--token-layers-before-pooling", "1"],
-    "bottom_up_adaptive": ["--arch", "msformer_lm_bottom_up_tiny", "--pool-type", "linear", *ADAPTIVE],
+    # the paper presets' bottom-up design: residual upsampling, linear pooling, hourglass shift
+    "bottom_up_adaptive": ["--arch", "msformer_lm_bottom_up_tiny", "--pool-type", "linear", "--bottom-up-combine",
+                           "residual", "--shift-rule", "hourglass", *ADAPTIVE],
     "top_down_adaptive": ["--arch", "msformer_lm_top_down_tiny", "--shift-rule", "hourglass", *ADAPTIVE],
     "retina": ["--arch", "msformer_lm_retina_tiny", "--retina-windows", "8,24,-1;16,40,-1"],
 }
