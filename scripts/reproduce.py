@@ -75,6 +75,9 @@ SUITES = {
         # the ablation's best bottom-up (what the presets use), at the full budget
         "bottom_up_linear": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1),
                              "2 at /4 + 8 at /16 + aggregation + 1 token = 12, linear pooling"),
+        # and with the finer first scale the ablation found (blocks of 2 and 16 tokens): more memory, still < 1x
+        "bottom_up_2_8": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1,
+                                  pool_factors="2,8"), "2 at /2 + 8 at /16 + aggregation + 1 token = 12, linear pooling"),
     },
     # One change at a time from the chosen bottom-up design (what the paper leaves open).
     "ablation": {
@@ -92,6 +95,8 @@ SUITES = {
         "pool_factors_2_8": (variant(pool_factors="2,8"), "blocks of 2 and 16 tokens instead of 4 and 16"),
         "three_scales": (variant(pool_factors="4,4,4", scale_layers="2,4,4"),
                          "blocks of 4, 16 and 64 tokens: 2 + 4 + 4 coarse layers"),
+        "linear_after_2_8": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1,
+                                     pool_factors="2,8"), "linear pooling, token layer after, blocks of 2 and 16"),
         # the two single changes that helped most, together (what the presets use)
         "linear_and_token_layer_after": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1),
                                          "linear pooling, and the token layer after the aggregation"),
