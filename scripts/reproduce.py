@@ -406,6 +406,8 @@ def plot(results, out):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax in axes:
+        ax.set_prop_cycle(color=plt.cm.tab20.colors if len(results) > 10 else plt.cm.tab10.colors)
     for r in results.values():
         tokens = [c["tokens"] / 1e6 for c in r["curve"]]
         minutes = [c["train_seconds"] / 60 for c in r["curve"]]
@@ -422,18 +424,21 @@ def plot(results, out):
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    if len(results) > 6:  # many variants: the legend beside the panels, not over the curves
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    else:
+        axes[0].legend()
     fig.suptitle("Learning curves (valid perplexity, fairseq's in-training validation)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "learning_curves.png"), dpi=110)
+    fig.savefig(os.path.join(out, "learning_curves.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors if len(results) > 10 else plt.cm.tab10.colors)
     for r in results.values():
-        ax.scatter(r["activation_mib"], r["valid_ppl"], s=40)
-        ax.annotate(f"{r['name']}\n{r['layers']} layers", (r["activation_mib"], r["valid_ppl"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.margins(0.2)  # room for the labels
+        ax.scatter(r["activation_mib"], r["valid_ppl"], s=40, label=f"{r['name']} ({r['layers']} layers)")
+    ax.margins(0.15)
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("activation memory: MiB saved for backward per training step")
     ax.set_ylabel("validation perplexity (fairseq-eval-lm)")
     ax.grid(True, alpha=0.3)
