@@ -50,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="what to measure")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="sample lengths T")
     p.add_argument("--retina-lengths", type=int, nargs="*", default=[8192], help="further lengths, retina only")
-    p.add_argument("--generate-lengths", type=int, nargs="+", default=[512, 1024],
-                   help="prefix lengths for generation (filling the cache one token at a time is slow on a CPU)")
+    p.add_argument("--generate-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096],
+                   help="prefix lengths for generation (the cache is filled one token at a time: ~6 minutes on a CPU)")
     p.add_argument("--dim", type=int, default=256, help="model width C")
     p.add_argument("--ffn", type=int, default=1024, help="feed-forward inner dimension")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
