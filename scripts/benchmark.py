@@ -104,7 +104,6 @@ def build(name, opts, task, max_positions):
     from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
     from fairseq_msformer.models.config import MsformerLMConfig
     from fairseq_msformer.models.msformer_lm import MsformerLanguageModel
-    from fairseq_msformer.modules import TransformerBlock
 
     options = dict(decoder_embed_dim=opts.dim, decoder_ffn_embed_dim=opts.ffn, decoder_attention_heads=opts.heads,
                    dropout=0.0, max_target_positions=max_positions, tokens_per_sample=max_positions)
@@ -128,8 +127,15 @@ def build(name, opts, task, max_positions):
     ARCH_CONFIG_REGISTRY[arch](args)
     fill_dataclass_defaults(args, MsformerLMConfig)
     model = MsformerLanguageModel.build_model(args, task)
-    depth = sum(isinstance(m, TransformerBlock) for m in model.modules())
-    return model, f"{arch}: {depth} layers ({layout(args)})"
+    return model, f"{arch}: {count_layers(model)} layers ({layout(args)})"
+
+
+def count_layers(model):
+    """Transformer layers of an msformer model (every scale, the aggregation layer included) or a transformer_lm."""
+    from fairseq_msformer.modules import TransformerBlock
+
+    blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
+    return blocks or len(model.decoder.layers)
 
 
 def layout(args):
@@ -191,8 +197,8 @@ def log_probs_of_targets(model, tokens):
     return torch.log_softmax(net_output[0].float(), dim=-1).gather(-1, tokens[:, 1:, None])
 
 
-def measure(name, mode, length, opts_dict, queue):
-    """Child process: build the model, measure one (mode, length) point, put a dict on the queue."""
+def measure(name, mode, length, opts_dict):
+    """In a fresh process (run_point): build the model, measure one (mode, length) point, return a dict."""
     import torch
     import torch.nn.functional as F
 
@@ -253,19 +259,30 @@ def measure(name, mode, length, opts_dict, queue):
         result["peak_mib"] = torch.cuda.max_memory_allocated() / MIB
     else:
         result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(result)
+    return result
 
 
-def run_point(name, mode, length, opts):
-    """measure() in a fresh process (spawned: nothing is inherited), so peak memory is this point's alone."""
+def put_result(queue, fn, args):
+    queue.put(fn(*args))
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a spawned process (nothing is inherited, so its peak memory is its own): (result, None), or
+    (None, why) if it failed. For small results: the child's queue is read after it has exited."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=measure, args=(name, mode, length, vars(opts), queue))
+    child = context.Process(target=put_result, args=(queue, fn, args))
     child.start()
     child.join()
     if child.exitcode != 0 or queue.empty():
-        return {"model": name, "mode": mode, "length": length, "error": f"exit code {child.exitcode}"}
-    return queue.get()
+        return None, f"exit code {child.exitcode}"
+    return queue.get(), None
+
+
+def run_point(name, mode, length, opts):
+    """measure() in a fresh process, so that peak memory is this point's alone."""
+    result, error = in_fresh_process(measure, name, mode, length, vars(opts))
+    return result or {"model": name, "mode": mode, "length": length, "error": error}
 
 
 # ---------------------------------------------------------------- reporting
@@ -282,7 +299,7 @@ def points_of(opts):
 
 def markdown(results, opts):
     by = {(r["model"], r["mode"], r["length"]): r for r in results}
-    names = [n for n in opts.models]
+    names = list(opts.models)
     out = [f"Device {opts.device}, {opts.dtype}, batch {opts.batch_size}, width {opts.dim}, FFN {opts.ffn}, "
            f"{opts.heads} heads, vocab {opts.vocab + 4}, threads {opts.threads}; one run, median of "
            f"{opts.repeats} steps per point. Ratios to {BASELINE} in brackets.\n"]
@@ -323,7 +340,8 @@ def targets(results, opts):
         if not base or not r or "saved_mib" not in r or "saved_mib" not in base:
             continue
         memory, speed = r["saved_mib"] / base["saved_mib"], r["tokens_per_s"] / base["tokens_per_s"]
-        lines.append(f"{name} at T={opts.target_length}: saved MiB {memory:.2f}x ({'PASS' if memory <= 0.70 else 'MISS'}"
+        verdict = "PASS" if memory <= 0.70 else "MISS"
+        lines.append(f"{name} at T={opts.target_length}: saved MiB {memory:.2f}x ({verdict}"
                      f" <= 0.70x), train tokens/s {speed:.2f}x ({'PASS' if speed >= 2 else 'MISS'} >= 2x)")
     return lines
 
@@ -343,7 +361,8 @@ def plot(results, opts):
     axes = [axes] if len(panels) == 1 else axes
     for ax, (mode, key, title) in zip(axes, panels):
         for name in opts.models:
-            pts = sorted((r["length"], r[key]) for r in results if r["model"] == name and r["mode"] == mode and key in r)
+            pts = sorted((r["length"], r[key]) for r in results
+                         if r["model"] == name and r["mode"] == mode and key in r)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log", base=2)

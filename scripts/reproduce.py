@@ -35,19 +35,19 @@ BASELINE = "transformer_lm"
 # ---------------------------------------------------------------- the experiment
 # Shared by every model: width 128, FFN 512, 4 heads, dropout 0.1, adaptive input and softmax (tied), pre-norm.
 # transformer_lm gets --decoder-input-dim/--decoder-output-dim equal to the width (else it keeps 512-d embeddings).
-MODEL = ["--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512", "--decoder-attention-heads", "4",
-         "--dropout", "0.1", "--adaptive-input", "--adaptive-input-cutoff", "2000,6000",
-         "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights"]
-BASELINE_DIMS = ["--decoder-input-dim", "128", "--decoder-output-dim", "128", "--decoder-normalize-before"]
-QUICK_MODEL = ["--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
-               "--dropout", "0.1", "--adaptive-input", "--adaptive-input-cutoff", "2000,6000",
-               "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights"]
-QUICK_BASELINE_DIMS = ["--decoder-input-dim", "32", "--decoder-output-dim", "32", "--decoder-normalize-before"]
+def shared_options(dim, ffn, heads):
+    """(options every model gets, options transformer_lm also gets) at one size."""
+    model = ["--decoder-embed-dim", str(dim), "--decoder-ffn-embed-dim", str(ffn), "--decoder-attention-heads",
+             str(heads), "--dropout", "0.1", "--adaptive-input", "--adaptive-input-cutoff", "2000,6000",
+             "--adaptive-softmax-cutoff", "2000,6000", "--tie-adaptive-weights"]
+    baseline = ["--decoder-input-dim", str(dim), "--decoder-output-dim", str(dim), "--decoder-normalize-before"]
+    return model, baseline
+
 
 BOTTOM_UP = ["--arch", "msformer_lm_bottom_up", "--pool-factors", "4,4"]
-# The bottom-up design the ablation chose, Hourglass-shaped: 1 token layer, 2 layers at /4, 8 at /16, residual
-# upsampling with the hourglass shift, then the aggregation layer (a token layer): 12 layers, 2 of them at token
-# level (transformer_lm has 4), so less activation memory than transformer_lm.
+# The bottom-up design chosen from 500-update pilots, and the ablation's starting point, Hourglass-shaped: 1 token
+# layer, 2 layers at /4, 8 at /16, residual upsampling with the hourglass shift, then the aggregation layer (a token
+# layer): 12 layers, 2 of them at token level (transformer_lm has 4), so less activation memory than transformer_lm.
 BOTTOM_UP_BEST = ["--scale-layers", "2,8", "--token-layers-before-pooling", "1", "--token-layers", "0",
                   "--bottom-up-combine", "residual", "--shift-rule", "hourglass", "--pool-type", "mean"]
 BEST_LAYOUT = "1 token + 2 at /4 + 8 at /16 + aggregation = 12"
@@ -76,8 +76,8 @@ SUITES = {
         "bottom_up_linear": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1),
                              "2 at /4 + 8 at /16 + aggregation + 1 token = 12, linear pooling"),
         # and with the finer first scale the ablation found (blocks of 2 and 16 tokens): more memory, still < 1x
-        "bottom_up_2_8": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1,
-                                  pool_factors="2,8"), "2 at /2 + 8 at /16 + aggregation + 1 token = 12, linear pooling"),
+        "bottom_up_2_8": (variant(pool_type="linear", token_layers_before_pooling=0, token_layers=1, pool_factors="2,8"),
+                          "2 at /2 + 8 at /16 + aggregation + 1 token = 12, linear pooling"),
     },
     # One change at a time from the chosen bottom-up design (what the paper leaves open).
     "ablation": {
@@ -150,12 +150,12 @@ def parse_args(argv=None):
 def models_of(opts):
     """name -> (fairseq-train model arguments, layout description)."""
     suite = QUICK if opts.quick else SUITES[opts.suite]
-    shared, dims = (QUICK_MODEL, QUICK_BASELINE_DIMS) if opts.quick else (MODEL, BASELINE_DIMS)
+    shared, dims = shared_options(32, 64, 2) if opts.quick else shared_options(128, 512, 4)
     models = {}
     for name, (args, layout) in suite.items():
         if opts.only and name not in opts.only:
             continue
-        models[name] = (args + shared + (dims if name == BASELINE or "transformer_lm" in args else []), layout)
+        models[name] = (args + shared + (dims if "transformer_lm" in args else []), layout)
     return models
 
 
@@ -181,22 +181,19 @@ def fairseq_script(name):
     return os.path.join(os.path.dirname(sys.executable), name)
 
 
-def run_child(command, env, log_path=None):
-    """Run a command to the end; returns (exit code, peak resident MiB of that process, seconds, output)."""
+def run_child(command, env):
+    """Run a command to the end, printing its progress; returns (exit code, peak resident MiB of that process,
+    seconds, output). fairseq-train writes its own log (--log-file)."""
     start = time.perf_counter()
-    with open(log_path or os.devnull, "a") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=REPO)
-        output = []
-        for line in proc.stdout:
-            output.append(line)
-            log.write(line)
-            progress = progress_line(line)
-            if progress:
-                print("    " + progress, flush=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - start, "".join(output)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        progress = progress_line(line)
+        if progress:
+            print("    " + progress, flush=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024, time.perf_counter() - start, "".join(output)
 
 
 def progress_line(line):
@@ -262,14 +259,16 @@ def parse_eval(output):
 
 
 # ---------------------------------------------------------------- measuring a trained model
-def activation_memory(checkpoint, data, tokens_per_sample, max_tokens):
+def activation_memory(checkpoint, data, tokens_per_sample, max_tokens, threads):
     """MiB saved for backward by one training step (the checkpoint's model and criterion, train mode) on a batch
-    of the training shape (max_tokens / T sequences of T tokens from the validation set), and the parameter
-    count. Runs in this process: call it once per model, in a fresh child (see measure_child)."""
+    of the training shape (max_tokens / T sequences of T tokens from the validation set), the parameter count and
+    the number of layers. Run it in a fresh process (benchmark.in_fresh_process): it loads a whole model."""
     import torch
+    from benchmark import count_layers, saved_bytes  # (benchmark puts the repository on sys.path)
+    import fairseq_msformer  # noqa: F401  (registers msformer_lm and the task)
     from fairseq import checkpoint_utils
-    from benchmark import saved_bytes
 
+    torch.set_num_threads(threads)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
     model = models[0].train()
     criterion = task.build_criterion(cfg.criterion)
@@ -294,24 +293,15 @@ def activation_memory(checkpoint, data, tokens_per_sample, max_tokens):
             "layers": count_layers(model)}
 
 
-def count_layers(model):
-    from fairseq_msformer.modules import TransformerBlock
+def measure(opts, checkpoint):
+    """activation_memory in a fresh process."""
+    from benchmark import in_fresh_process
 
-    blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
-    return blocks or len(model.decoder.layers)
-
-
-def measure_child(opts, checkpoint, env):
-    """activation_memory in a fresh process (it imports torch and the package once more; no state is shared)."""
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"sys.path.insert(0, {REPO!r}); import fairseq_msformer; from reproduce import activation_memory; "
-            f"print('RESULT ' + json.dumps(activation_memory({checkpoint!r}, {opts.data!r}, "
-            f"{opts.tokens_per_sample}, {opts.max_tokens})))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"measuring {checkpoint} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    result, error = in_fresh_process(activation_memory, checkpoint, opts.data, opts.tokens_per_sample,
+                                     opts.max_tokens, opts.threads)
+    if error:
+        raise RuntimeError(f"measuring {checkpoint} failed ({error})")
+    return result
 
 
 def evaluate(opts, checkpoint, split, env):
@@ -339,7 +329,7 @@ def run_model(opts, name, model_args, layout, env):
               "train_seconds": train_seconds, "train_tokens": tokens,
               "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
               "peak_rss_mib": peak_mib, "process_seconds_last_run": seconds}
-    result.update(measure_child(opts, checkpoint, env))
+    result.update(measure(opts, checkpoint))
     for split in ("valid", "test"):
         result[f"{split}_ppl"], result[f"{split}_eval_tokens_per_s"] = evaluate(opts, checkpoint, split, env)
     print(f"   {name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
@@ -389,14 +379,23 @@ def table(results, opts):
             f"{r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f}{ratio('peak_rss_mib')} | "
             f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | "
             f"{r['valid_eval_tokens_per_s']:.0f}{ratio('valid_eval_tokens_per_s')} | {r['train_seconds'] / 60:.1f} |")
+    threads = "/".join(str(t) for t in sorted({r["threads"] for r in results.values()}))
+    batch = max(1, opts.max_tokens // opts.tokens_per_sample)
     notes = (f"\n{opts.updates} updates of {opts.max_tokens} tokens (T = {opts.tokens_per_sample}), seed {opts.seed}, "
-             f"one run per model, {'/'.join(str(t) for t in sorted({r['threads'] for r in results.values()}))} thread(s), CPU fp32. Perplexity: fairseq-eval-lm --tokens-per-sample "
+             f"one run per model, {threads} thread(s), CPU fp32. Perplexity: fairseq-eval-lm --tokens-per-sample "
              f"{opts.tokens_per_sample} --context-window {opts.context_window}. Activation MiB: bytes saved for "
-             f"backward by one training step (model + adaptive_loss) on {max(1, opts.max_tokens // opts.tokens_per_sample)}"
-             f" x {opts.tokens_per_sample} tokens; peak RSS: the fairseq-train process. Train tokens/s: training tokens / "
-             f"training seconds (validation and checkpointing excluded; see read_log). Ratios are to {BASELINE}. 'valid ppl at' and 'min to': in-training validation (no context window), linear between "
-             f"validations every {opts.validate_every} updates.\n")
+             f"backward by one training step (model + adaptive_loss) on {batch} x {opts.tokens_per_sample} tokens; "
+             f"peak RSS: the fairseq-train process. Train tokens/s: training tokens / training seconds (validation "
+             f"and checkpointing excluded; see read_log). Ratios are to {BASELINE}. 'valid ppl at' and 'min to': "
+             f"in-training validation (no context window), linear between validations every {opts.validate_every} "
+             f"updates.\n")
     return "\n".join(lines) + "\n" + notes
+
+
+def palette(n):
+    import matplotlib.pyplot as plt
+
+    return plt.cm.tab20.colors if n > 10 else plt.cm.tab10.colors
 
 
 def plot(results, out):
@@ -407,7 +406,7 @@ def plot(results, out):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax in axes:
-        ax.set_prop_cycle(color=plt.cm.tab20.colors if len(results) > 10 else plt.cm.tab10.colors)
+        ax.set_prop_cycle(color=palette(len(results)))
     for r in results.values():
         tokens = [c["tokens"] / 1e6 for c in r["curve"]]
         minutes = [c["train_seconds"] / 60 for c in r["curve"]]
@@ -434,7 +433,7 @@ def plot(results, out):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors if len(results) > 10 else plt.cm.tab10.colors)
+    ax.set_prop_cycle(color=palette(len(results)))
     for r in results.values():
         ax.scatter(r["activation_mib"], r["valid_ppl"], s=40, label=f"{r['name']} ({r['layers']} layers)")
     ax.margins(0.15)
@@ -448,11 +447,16 @@ def plot(results, out):
     plt.close(fig)
 
 
+def settings_of(opts):
+    """What a finished run must share with the current invocation to be reused (not where files go, not threads)."""
+    return {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads")}
+
+
 def main(argv=None):
     opts = parse_args(argv)
     runs_dir = os.path.join(opts.out, "runs")  # one file per model: several invocations can share a suite
     os.makedirs(runs_dir, exist_ok=True)
-    settings = {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads")}
+    settings = settings_of(opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads),
                PYTHONUNBUFFERED="1")
     models = models_of(opts)
@@ -469,12 +473,12 @@ def main(argv=None):
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)  # a crash never leaves a half-written result
-    report(opts, settings)
+    report(opts)
 
 
-def report(opts, settings):
+def report(opts):
     """results.json, results.md and the plots from every finished model of the suite (in the suite's order)."""
-    results = {}
+    results, settings = {}, settings_of(opts)
     for name in models_of(argparse.Namespace(**{**vars(opts), "only": None})):
         path = os.path.join(opts.out, "runs", name + ".json")
         if os.path.exists(path):

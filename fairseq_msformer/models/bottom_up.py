@@ -76,10 +76,7 @@ class BottomUp(nn.Module):
             for s, (upsample, proj) in enumerate(zip(self.upsamples, self.up_projs), start=1):
                 if s <= len(new_blocks):
                     cache[f"newest{s}"] = new_blocks[s - 1]  # (B, 1, C)
-                newest = cache.get(f"newest{s}")
-                if newest is None:  # no block of scale s is ready yet
-                    newest = upsample.no_context.to(x).expand_as(x)
-                x = x + proj(newest)
+                x = x + proj(upsample.newest(cache, f"newest{s}", x))
         if not self.attend_blocks:
             return self.token_layers.step(self.aggregate.step(x, t, cache, "aggregate"), t, cache, "after")
         attn = self.aggregate.attn

@@ -68,9 +68,7 @@ class TopDown(nn.Module):
             if s > 0:
                 inputs = self.positions[s - 1](inputs, offset=self.grid.newest_block(s, t))
             if s + 1 < self.grid.num_scales:
-                context = h if h is not None else cache.get(f"newest{s + 1}")
-                if context is None:  # no block of scale s + 1 is ready yet
-                    context = self.upsamples[s].no_context.to(inputs).expand_as(inputs)
+                context = h if h is not None else self.upsamples[s].newest(cache, f"newest{s + 1}", inputs)
                 inputs = self.with_context(s, inputs, context)
             h = self.stacks[s].step(inputs, t, cache, f"scale{s}")
             if s > 0:

@@ -82,6 +82,12 @@ class CausalUpsample(nn.Module):
         self.no_context = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.no_context, std=dim**-0.5)
 
+    def newest(self, cache: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Incremental decoding: the newest ready coarse state cached under `name` (B, 1, C), or the "no context"
+        vector (shaped like `like`) while no block of that scale is ready yet."""
+        state = cache.get(name)
+        return self.no_context.to(like).expand_as(like) if state is None else state
+
     def forward(self, coarse: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # coarse: (B, Nc, C); index: (Nf,) in [-1, Nc) -> (B, Nf, C)
         bsz, _, dim = coarse.shape
