@@ -55,7 +55,7 @@ def finish_common_args(opts):
 # ---------------------------------------------------------------- the model
 def load_checkpoint(checkpoint: str, data: str):
     """-> (model in eval mode, task), through fairseq's own loader with the data path overridden."""
-    for name in ("fairseq", "fairseq_msformer"):
+    for name in ("fairseq", "fairseq_msformer", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import fairseq_msformer  # noqa: F401  (registers msformer_lm and the task the checkpoints name)
     from fairseq import checkpoint_utils
