@@ -13,6 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fairseq_msformer", "fairseq_msformer.*"]),
+    # the fairseq-hydra-train configs (--config-dir <package>/config)
+    package_data={"fairseq_msformer": ["config/*.yaml", "config/recipe/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["numpy<2"],
     license="MIT",
