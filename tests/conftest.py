@@ -30,11 +30,17 @@ def make_dictionary(num_words: int) -> Dictionary:
     return d
 
 
-def build_model(arch="msformer_lm_bottom_up", vocab_words=40, tokens_per_sample=64, seed=0, **options):
-    """A tiny msformer_lm built the way fairseq builds it: CLI options > arch preset > dataclass defaults."""
+TINY_SIZES = dict(decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0)
+
+
+def build_model(arch="msformer_lm_bottom_up", vocab_words=40, tokens_per_sample=64, seed=0, sizes=TINY_SIZES,
+                **options):
+    """An msformer_lm built the way fairseq builds it: CLI options > arch preset > dataclass defaults.
+
+    `sizes` are passed like CLI options (tiny by default); sizes=None keeps the preset's own sizes.
+    """
     torch.manual_seed(seed)
-    small = dict(decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0)
-    args = argparse.Namespace(**{**small, **options})
+    args = argparse.Namespace(**{**(sizes or {}), **options})
     ARCH_CONFIG_REGISTRY[arch](args)
     for f in fields(MsformerLMConfig):
         if not hasattr(args, f.name) or getattr(args, f.name) is None:

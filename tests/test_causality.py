@@ -1,132 +1,184 @@
-"""design.md §4.1 and §3: no future leakage, and right padding never changes a real position's output."""
+"""design.md §4.1 and §3: no future leakage, and right padding never changes a real position's output.
+
+Leak checks are exhaustive: every position t of a sample whose length is off the grid, with dropout on (the
+same masks on both sides: a fixed seed before each forward), both by perturbing the future and by gradients.
+"""
 import pytest
 import torch
 
 from conftest import build_model, log_probs, random_tokens
 
 BOTTOM_UP = [
-    # (pool_factors, scale_layers, pool_type, token_layers_before_pooling, shift_rule, adaptive)
+    # (pool_factors, scale_layers, pool_type, token_layers_before_pooling, shift_rule, adaptive[, combine])
     ("2", "1", "mean", 0, "complete", False),
+    ("3", "1", "linear", 0, "hourglass", False),
     ("4", "2", "max", 1, "complete", False),
     ("4,4", "1,1", "mean", 0, "complete", False),
     ("4,4", "1,1", "linear", 0, "complete", True),
     ("2,3", "1,1", "max", 1, "complete", True),
+    ("2,3,4", "1,1,1", "linear", 1, "complete", False),
+    ("2,3,4", "1,1,1", "mean", 0, "hourglass", False),
     ("2,2,2", "1,1,1", "mean", 1, "complete", False),
-    ("2,2,2", "1,1,1", "linear", 0, "complete", False),
     ("3,2,2", "1,1,1", "mean", 0, "complete", True),
     ("4,4", "1,1", "mean", 0, "hourglass", False),
     ("2,2,2", "1,1,1", "linear", 1, "hourglass", True),
     ("3,2", "1,1", "max", 0, "hourglass", False),
-    # (..., bottom_up_combine): Hourglass-style residual upsampling, alone and with the attention aggregation
+    # Hourglass-style residual upsampling, alone and with the attention aggregation
     ("4,4", "1,1", "mean", 1, "hourglass", False, "residual"),
     ("2,3", "1,1", "linear", 0, "complete", True, "residual"),
+    ("3,4", "1,1", "linear", 0, "hourglass", False, "residual"),
     ("2,2,2", "1,1,1", "max", 1, "complete", False, "both"),
     ("3,2", "1,2", "mean", 0, "hourglass", True, "both"),
 ]
 TOP_DOWN = [
+    # (pool_factors, scale_layers, pool_type, top_down_combine, shift_rule, adaptive)
     ("2", "1", "mean", "add", "complete", False),
+    ("3", "1", "max", "add", "hourglass", False),
     ("4,4", "1,1", "linear", "add", "complete", True),
     ("2,3", "1,1", "max", "concat", "complete", False),
+    ("2,3,4", "1,1,1", "linear", "add", "complete", False),
+    ("2,3,4", "1,1,1", "mean", "concat", "hourglass", False),
     ("2,2,2", "1,1,1", "mean", "concat", "complete", True),
     ("4,4", "1,1", "mean", "add", "hourglass", False),
     ("2,2,2", "1,1,1", "linear", "concat", "hourglass", True),
 ]
-ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff="10,20", adaptive_softmax_cutoff="10,20",
-                tie_adaptive_weights=True, adaptive_input_factor=2, adaptive_softmax_factor=2)
-
-
-def bottom_up_model(factors, layers, pool, before, rule, adaptive, combine="attention"):
-    options = dict(pool_factors=factors, scale_layers=layers, pool_type=pool, token_layers_before_pooling=before,
-                   shift_rule=rule, token_layers=1, bottom_up_combine=combine, **(ADAPTIVE if adaptive else {}))
-    return build_model("msformer_lm_bottom_up", **options)
-
-
-def top_down_model(factors, layers, pool, combine, rule, adaptive):
-    options = dict(pool_factors=factors, scale_layers=layers, pool_type=pool, top_down_combine=combine,
-                   shift_rule=rule, token_layers=1, **(ADAPTIVE if adaptive else {}))
-    return build_model("msformer_lm_top_down", **options)
-
-
-def retina_model(factors, windows, pool, layers, adaptive):
-    options = dict(pool_factors=factors, retina_windows=windows, pool_type=pool, token_layers=layers,
-                   **(ADAPTIVE if adaptive else {}))
-    return build_model("msformer_lm_retina", **options)
-
-
-CASES = [pytest.param(bottom_up_model, c, id="bottom_up-" + "-".join(map(str, c))) for c in BOTTOM_UP] + [
-    pytest.param(top_down_model, c, id="top_down-" + "-".join(map(str, c))) for c in TOP_DOWN
-]
-
-
-def assert_no_leak(model, dictionary, length=37):
-    """Perturbing tokens after t leaves positions <= t unchanged; d out_t / d input_{>t} == 0."""
-    g = torch.Generator().manual_seed(1)
-    tokens = random_tokens(dictionary, 2, length, g)
-    reference = log_probs(model, tokens)
-    for t in (0, 1, 5, 12, 17, length - 2):
-        perturbed = tokens.clone()
-        perturbed[:, t + 1 :] = random_tokens(dictionary, 2, length - t - 1, g)
-        assert (perturbed[:, t + 1 :] != tokens[:, t + 1 :]).any()
-        changed = log_probs(model, perturbed)
-        torch.testing.assert_close(changed[:, : t + 1], reference[:, : t + 1], rtol=0, atol=1e-5)
-        assert not torch.allclose(changed[:, t + 1 :], reference[:, t + 1 :]), "later positions must react"
-
-    # gradients of output t (its final features: the softmax reads nothing else) w.r.t. the embedded inputs
-    captured = {}
-    hook = model.decoder.embed_tokens.register_forward_hook(lambda m, i, out: captured.update(emb=out))
-    try:
-        features, _ = model(tokens, features_only=True)  # (B, T, C)
-    finally:
-        hook.remove()
-    emb = captured["emb"]
-    for t in (0, 3, 16, length - 2):
-        (grad,) = torch.autograd.grad(features[:, t].pow(2).sum(), emb, retain_graph=True)
-        assert grad[:, t + 1 :].abs().max() == 0, f"output {t} depends on a later input"
-        assert grad[:, t].abs().max() > 0, "output t must depend on input t"
-
-
-@pytest.mark.parametrize("make_model,config", CASES)
-def test_no_future_leakage(make_model, config):
-    model, dictionary = make_model(*config)
-    assert_no_leak(model, dictionary)
-
-
-PADDING_CASES = CASES[2:4] + CASES[-2:] + [
-    pytest.param(retina_model, ("4,4", "12,40,-1", "mean", 2, True), id="retina-12,40,-1"),
-    pytest.param(retina_model, ("2,2", "6,14,22", "linear", 2, False), id="retina-6,14,22"),
-]
-
-
-@pytest.mark.parametrize("make_model,config", PADDING_CASES)
-def test_right_padding_never_changes_real_positions(make_model, config):
-    """A short row in a right-padded batch scores exactly as it does alone (any length, on or off the grid)."""
-    model, dictionary = make_model(*config)
-    g = torch.Generator().manual_seed(2)
-    batch = random_tokens(dictionary, 3, 40, g)
-    for length in (1, 7, 16, 23, 33):
-        padded = batch.clone()
-        padded[0, length:] = dictionary.pad()
-        alone = log_probs(model, batch[:1, :length])
-        in_batch = log_probs(model, padded)[:1, :length]
-        torch.testing.assert_close(in_batch, alone, rtol=0, atol=1e-5)
-
-
 RETINA = [
-    # (pool_factors, retina_windows, pool_type, token_layers, adaptive) -- sample length 37, padded to the grid
+    # (pool_factors, retina_windows, pool_type, token_layers, adaptive)
     ("4", "8,-1", "mean", 2, False),
+    ("3", "5,-1", "max", 2, False),
     ("4,4", "16,48,-1", "mean", 2, False),
     ("4,4", "12,40,-1", "max", 1, True),  # windows that do not divide the sample length
     ("2,2", "5,9,-1", "linear", 2, False),
     ("2,2", "6,14,22", "mean", 2, True),  # bounded last scale: the oldest tokens are not read at all
     ("3,2", "7,16,-1;20,40,-1", "mean", 2, False),  # per-layer windows
+    ("2,3,4", "3,9,24,-1", "linear", 1, False),
     ("2,2,2", "3,9,17,-1", "linear", 1, False),
+]
+ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff="10,20", adaptive_softmax_cutoff="10,20",
+                tie_adaptive_weights=True, adaptive_input_factor=2, adaptive_softmax_factor=2)
+DROPOUT = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+
+
+def bottom_up_model(factors, layers, pool, before, rule, adaptive, combine="attention", **extra):
+    options = dict(pool_factors=factors, scale_layers=layers, pool_type=pool, token_layers_before_pooling=before,
+                   shift_rule=rule, token_layers=1, bottom_up_combine=combine, **(ADAPTIVE if adaptive else {}))
+    return build_model("msformer_lm_bottom_up", **options, **extra)
+
+
+def top_down_model(factors, layers, pool, combine, rule, adaptive, **extra):
+    options = dict(pool_factors=factors, scale_layers=layers, pool_type=pool, top_down_combine=combine,
+                   shift_rule=rule, token_layers=1, **(ADAPTIVE if adaptive else {}))
+    return build_model("msformer_lm_top_down", **options, **extra)
+
+
+def retina_model(factors, windows, pool, layers, adaptive, **extra):
+    options = dict(pool_factors=factors, retina_windows=windows, pool_type=pool, token_layers=layers,
+                   **(ADAPTIVE if adaptive else {}))
+    return build_model("msformer_lm_retina", **options, **extra)
+
+
+def case_id(family, config):
+    return family + "-" + "-".join(map(str, config))
+
+
+CASES = (
+    [pytest.param(bottom_up_model, c, id=case_id("bottom_up", c)) for c in BOTTOM_UP]
+    + [pytest.param(top_down_model, c, id=case_id("top_down", c)) for c in TOP_DOWN]
+    + [pytest.param(retina_model, c, id=case_id("retina", c)) for c in RETINA]
+)
+
+
+def features(model, tokens, seed):
+    """Final features (B, T, C) with dropout masks fixed by `seed` (same shape -> same masks)."""
+    torch.manual_seed(seed)
+    return model(tokens, features_only=True)[0]
+
+
+def assert_no_leak(model, dictionary, length):
+    """For EVERY t: perturbing tokens after t leaves positions <= t unchanged, and d out_t / d input_{>t} == 0.
+
+    Each t is one row of a batch (row t probes position t), so a whole sweep is two forwards and one backward;
+    with dropout on, both forwards draw the same masks (same seed, same shape), row by row.
+    """
+    g = torch.Generator().manual_seed(1)
+    tokens = random_tokens(dictionary, 1, length, g).repeat(length, 1)  # (T, T): row t probes position t
+    perturbed = tokens.clone()
+    for t in range(length - 1):
+        perturbed[t, t + 1 :] = random_tokens(dictionary, 1, length - t - 1, g)
+    with torch.no_grad():
+        reference, changed = features(model, tokens, seed=7), features(model, perturbed, seed=7)  # (T, T, C)
+    for t in range(length - 1):
+        torch.testing.assert_close(changed[t, : t + 1], reference[t, : t + 1], rtol=0, atol=1e-5,
+                                   msg=lambda m: f"a position <= {t} saw a later token: {m}")
+        assert not torch.allclose(changed[t, t + 1 :], reference[t, t + 1 :]), "later positions must react"
+
+    # gradients of output t (its final features: the softmax reads nothing else) w.r.t. the embedded inputs
+    captured = {}
+    hook = model.decoder.embed_tokens.register_forward_hook(lambda m, i, out: captured.update(emb=out))
+    try:
+        out = features(model, tokens, seed=7)  # (T, T, C)
+    finally:
+        hook.remove()
+    probes = torch.arange(length)
+    (grad,) = torch.autograd.grad(out[probes, probes].pow(2).sum(), captured["emb"])  # (T, T, C): row t = d out_t
+    depends = grad.abs().sum(-1) > 0  # (T outputs, T inputs)
+    leaks = (depends & ~torch.ones(length, length, dtype=torch.bool).tril()).nonzero().tolist()
+    assert not leaks, f"(output, later input) pairs that depend: {leaks[:10]}"
+    assert depends.diagonal().all(), "output t must depend on input t"
+
+
+@pytest.mark.parametrize("make_model,config", CASES)
+def test_no_future_leakage_at_any_position(make_model, config):
+    """Inference mode, and length 41: off every grid used here, so the decoder pads inside."""
+    model, dictionary = make_model(*config)
+    assert_no_leak(model, dictionary, length=41)
+
+
+@pytest.mark.parametrize("make_model,config", CASES)
+def test_no_future_leakage_with_dropout(make_model, config):
+    """Training mode with dropout everywhere (embeddings, residuals, attention weights, FFN)."""
+    model, dictionary = make_model(*config, **DROPOUT)
+    assert_no_leak(model.train(), dictionary, length=41)
+
+
+def give_pad_a_nonzero_embedding(model, dictionary):
+    """fairseq zeroes the pad row; a real one makes 'padded in the batch' differ from the decoder's own padding."""
+    embed = model.decoder.embed_tokens
+    table = embed.embeddings[0][0] if hasattr(embed, "embeddings") else embed  # AdaptiveInput: band 0 holds pad
+    with torch.no_grad():
+        table.weight[dictionary.pad()] = torch.randn(table.weight.size(1), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([[dictionary.pad()]])
+    assert embed(pad).abs().sum() > 0
+
+
+PADDING_CASES = [CASES[i] for i in (3, 5, 7, 10, 14, 17)] + [
+    case for case in CASES if case.id in ("top_down-2,3,4-1,1,1-linear-add-complete-False",
+                                          "top_down-2,2,2-1,1,1-linear-concat-hourglass-True",
+                                          "retina-4,4-12,40,-1-max-1-True", "retina-2,2-6,14,22-mean-2-True",
+                                          "retina-2,3,4-3,9,24,-1-linear-1-False")
 ]
 
 
-@pytest.mark.parametrize("config", RETINA, ids=["-".join(map(str, c)) for c in RETINA])
-def test_retina_no_future_leakage(config):
-    model, dictionary = retina_model(*config)
-    assert_no_leak(model, dictionary)
+@pytest.mark.parametrize("make_model,config", PADDING_CASES)
+def test_right_padding_never_changes_real_positions(make_model, config):
+    """A short row in a right-padded batch scores exactly as it does alone, for lengths on and off the grid.
+
+    The pad row is non-zero and the rows are padded to different lengths than the row alone would be, so the two
+    sides really compute different things at the padded positions."""
+    model, dictionary = make_model(*config)
+    give_pad_a_nonzero_embedding(model, dictionary)
+    g = torch.Generator().manual_seed(2)
+    batch = random_tokens(dictionary, 3, 53, g)
+    unpadded = log_probs(model, batch)[0]  # (53, V)
+    for length in (1, 7, 16, 23, 33, 48):
+        padded = batch.clone()
+        padded[0, length:] = dictionary.pad()
+        padded[1, length + (53 - length) // 2 :] = dictionary.pad()  # another row with a different length
+        alone = log_probs(model, batch[:1, :length])[0]
+        in_batch = log_probs(model, padded)[0]
+        torch.testing.assert_close(in_batch[:length], alone, rtol=0, atol=1e-5)
+        # the pads are real, non-zero inputs: they do change what the model computes after the row ends
+        assert not torch.allclose(in_batch[length:], unpadded[length:])
 
 
 @pytest.mark.parametrize("arch,options", [
@@ -141,5 +193,5 @@ def test_longest_input_off_the_grid(arch, options):
     tokens = random_tokens(dictionary, 2, 100)
     for length in (97, 100):
         assert torch.isfinite(log_probs(model, tokens[:, :length])).all()
-    with pytest.raises(ValueError, match="longer than the model's max_positions"):
+    with pytest.raises(ValueError, match="longer than (the|this) model's"):
         model(random_tokens(dictionary, 1, 101))
