@@ -1,7 +1,11 @@
 """design.md §4.2: incremental decoding (per-scale caches) equals the full pass; beam search stays right."""
+from types import SimpleNamespace
+
 import pytest
 import torch
+from fairseq import search
 from fairseq.sequence_generator import SequenceGenerator
+from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from conftest import build_model, log_probs, random_tokens
 
@@ -82,3 +86,92 @@ def test_beam_search_scores_equal_full_pass(name):
                 inputs = torch.cat([target.new_full((1, 1), dictionary.eos()), target[:, :-1]], dim=1)
                 scores = log_probs(model, inputs).gather(-1, target.unsqueeze(-1)).squeeze(-1)[0]
                 torch.testing.assert_close(hypo["positional_scores"], scores, rtol=0, atol=1e-4)
+
+
+MAX_LEN = 24  # generated hypotheses: at most 24 tokens, then eos
+
+
+def interactive_batch(dictionary, prompts):
+    """Prompts read together, as fairseq-interactive batches them (--buffer-size): the language_modeling task's
+    own inference dataset (eos prepended, rows right-padded to the longest prompt) and its inference_step."""
+    task = LanguageModelingTask(SimpleNamespace(add_bos_token=False), dictionary)
+    rows = [torch.cat([p, p.new_tensor([dictionary.eos()])]) for p in prompts]  # encode_line appends eos
+    dataset = task.build_dataset_for_inference(rows, [len(r) for r in rows])
+    return task, dataset.collater([dataset[i] for i in range(len(rows))])
+
+
+def generate(model, dictionary, prompts, seed=0, **options):
+    """Hypotheses for a batch of prompts of any lengths: [per prompt: [hypothesis dicts]]."""
+    task, sample = interactive_batch(dictionary, prompts)
+    generator = SequenceGenerator([model], dictionary, max_len_b=MAX_LEN, **options)
+    torch.manual_seed(seed)  # sampling draws from torch's generator
+    with torch.no_grad():
+        return task.inference_step(generator, [model], sample)
+
+
+def full_pass_scores(model, dictionary, hypothesis):
+    """Log-probabilities (L, V) of one full forward pass over a hypothesis's tokens (eos first, as generated)."""
+    target = hypothesis["tokens"].unsqueeze(0)  # (1, L), ends with eos
+    inputs = torch.cat([target.new_full((1, 1), dictionary.eos()), target[:, :-1]], dim=1)
+    with torch.no_grad():
+        return log_probs(model, inputs)[0]
+
+
+PROMPT_LENGTHS = (3, 13, 8)
+
+
+def prompts_for(dictionary, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    return [random_tokens(dictionary, 1, n, g)[0] for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+@pytest.mark.parametrize("name", ["bottom_up-2,2-before", "bottom_up-4,2-residual", "top_down-4,4-hourglass",
+                                  "retina-4,4-per-layer"])
+def test_prompts_of_different_lengths_in_one_batch(name, beam):
+    """Each prompt of a batch decodes exactly as it does alone, and every score equals a full forward pass."""
+    model, dictionary = model_for(name)
+    prompts = prompts_for(dictionary)
+    batched = generate(model, dictionary, prompts, beam_size=beam)
+    for prompt, hypotheses in zip(prompts, batched):
+        (alone,) = generate(model, dictionary, [prompt], beam_size=beam)
+        assert len(hypotheses) == len(alone) == beam
+        for hypo, hypo_alone in zip(hypotheses, alone):
+            assert torch.equal(hypo["tokens"][: len(prompt)], prompt), "the prompt is kept"
+            assert torch.equal(hypo["tokens"], hypo_alone["tokens"]), "batching changed the continuation"
+            torch.testing.assert_close(hypo["positional_scores"], hypo_alone["positional_scores"], rtol=0, atol=1e-4)
+            scores = full_pass_scores(model, dictionary, hypo).gather(-1, hypo["tokens"].unsqueeze(-1)).squeeze(-1)
+            torch.testing.assert_close(hypo["positional_scores"], scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bottom_up-4,4-linear", "top_down-2,3-concat", "retina-2,2-unbounded"])
+def test_sampling_with_top_k_1_is_greedy(name):
+    model, dictionary = model_for(name)
+    prompts = prompts_for(dictionary)
+    greedy = generate(model, dictionary, prompts, beam_size=1)
+    sampled = generate(model, dictionary, prompts, search_strategy=search.Sampling(dictionary, sampling_topk=1))
+    for (g,), (s,) in zip(greedy, sampled):
+        assert torch.equal(g["tokens"], s["tokens"])
+
+
+@pytest.mark.parametrize("name", ["bottom_up-2,3-both", "top_down-2,2,2-adaptive", "retina-2,2-bounded-linear"])
+def test_sampled_tokens_lie_in_the_top_k(name):
+    """--sampling-topk 3: every generated token is one of the 3 most likely under a full forward pass (pad never),
+    its reported score is that log-probability, and different seeds draw different continuations."""
+    model, dictionary = model_for(name)
+    prompts, k = prompts_for(dictionary), 3
+    drawn = []
+    for seed in (1, 2):
+        hypotheses = generate(model, dictionary, prompts, seed=seed,
+                              search_strategy=search.Sampling(dictionary, sampling_topk=k))
+        for prompt, (hypo,) in zip(prompts, hypotheses):
+            lprobs = full_pass_scores(model, dictionary, hypo)  # (L, V)
+            lprobs[:, dictionary.pad()] = float("-inf")  # the generator never emits pad
+            tokens = hypo["tokens"]
+            kth_best = lprobs.topk(k, dim=-1).values[:, -1]  # (L,)
+            chosen = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (L,)
+            generated = slice(len(prompt), min(len(tokens), MAX_LEN))  # at MAX_LEN eos is forced, not sampled
+            assert (chosen[generated] >= kth_best[generated] - 1e-5).all(), "a token outside the top k was sampled"
+            torch.testing.assert_close(hypo["positional_scores"], chosen, rtol=0, atol=1e-4)
+            drawn.append(tokens)
+    assert any(not torch.equal(a, b) for a, b in zip(drawn[:3], drawn[3:])), "sampling drew the same every time"
