@@ -24,9 +24,9 @@ SCRIPTS = os.path.join(REPO, "scripts")
 PYDOC = os.path.join(REPO, "data-bin", "pydoc")
 
 
-def _load_cleaner():
-    """Imports scripts/pydoc_to_text.py (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("pydoc_to_text", os.path.join(SCRIPTS, "pydoc_to_text.py"))
+def load_script_module(name):
+    """Imports scripts/<name>.py (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # no __pycache__ in scripts/
     try:
@@ -36,7 +36,7 @@ def _load_cleaner():
     return module
 
 
-ptt = _load_cleaner()
+ptt = load_script_module("pydoc_to_text")
 
 
 def script_env(**extra):
