@@ -59,7 +59,7 @@ def test_books_are_split_by_book_tokenized_and_binarized(prepared):
     d = Dictionary.load(str(dest / "dict.txt"))
     for split in ("train", "valid", "test"):
         text = (work / f"books.{split}.tokens").read_text(encoding="utf-8")
-        mine = [int(book.split("book")[-1][0]) for book, s in split_of.items() if s == split]
+        mine = [i for i, book in enumerate(BOOKS) if split_of[book] == split]
         # every book is whole in exactly one split, tokenized as fairseq's --tokenizer moses --moses-no-escape
         for i in range(len(BOOKS)):
             assert (TOKENIZED_LINE.format(i=i) in text) == (i in mine), (split, i)
