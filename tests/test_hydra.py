@@ -24,9 +24,9 @@ CONFIG_DIR = os.path.join(USER_DIR, "config")
 CONFIGS = sorted(name[: -len(".yaml")] for name in os.listdir(CONFIG_DIR) if name.endswith(".yaml"))
 TINY = [name for name in CONFIGS if name.endswith("_tiny")]
 FROM_TASK = {"max_target_positions", "tokens_per_sample"}  # interpolated from the task, not model options
-WIKITEXT103_TYPES = 267_744  # fairseq's WikiText-103 dictionary: the largest vocabulary the large configs meet
+WIKITEXT103_TYPES = 267_744  # fairseq's WikiText-103 dictionary, which the large configs' adaptive cutoffs are for
 
-# fairseq's way of naming its schema after the config, and hydra's 1.0-style defaults, warn at every compose
+# fairseq stores its schema under the config's name, which hydra >= 1.1 warns about at every compose
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
