@@ -1,0 +1,147 @@
+"""Plant small, realistic mistakes in a copy of the package, one at a time, and show the test suite catches each.
+
+A test suite is only as good as the bugs it would catch. Each entry of BUGS is one edit of the source (a string
+replaced once) of the kind multi-scale models are prone to: a block marked ready a token early or late, an
+upsample that forgets the shift, a dropped scale, a cache beam search does not reorder, a retina span one block
+short... For each, the repository's tests and package are copied to a scratch folder, the edit is applied there
+(the checkout is never touched), and the in-process tests run with `pytest -x`; the bug counts as caught when they
+fail. A bug the suite does not catch is a hole in the suite: the script exits 1.
+
+    python scripts/planted_bugs.py                    # every bug (about 10 minutes on 2 cores)
+    python scripts/planted_bugs.py --only late_ready  # some of them
+    python scripts/planted_bugs.py --list
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "fairseq_msformer"
+# the fast, in-process part of the suite (the CLI tests add minutes and test fairseq's plumbing, not the models)
+DEFAULT_TESTS = ["tests/test_causality.py", "tests/test_influence.py", "tests/test_incremental.py",
+                 "tests/test_retina.py", "tests/test_precision.py"]
+
+
+class Bug(NamedTuple):
+    name: str
+    path: str  # inside the package
+    old: str  # must occur exactly once in the file
+    new: str
+    what: str
+
+
+BUGS = [
+    Bug("early_ready", "modules/scales.py", "else (j + 1) * k - 1", "else (j + 1) * k - 2",
+        "complete rule: a block is marked ready one token before its last token"),
+    Bug("late_ready", "modules/scales.py", "else (j + 1) * k - 1", "else (j + 1) * k",
+        "complete rule: a block is read one token after it completes (no leak, just stale)"),
+    Bug("newest_block_late", "modules/scales.py", "else (t + 1) // k - 1", "else t // k - 1",
+        "incremental decoding: the newest ready block index is one short at block ends"),
+    Bug("unshifted_hourglass_pool", "modules/pooling.py", "            x = shift_right(x, self.factor - 1)\n",
+        "            pass\n", "hourglass rule: pooling forgets the r - 1 shift (the block holds its future)"),
+    Bug("hourglass_step_unshifted", "modules/pooling.py", "if buffer is None and self.hourglass_shift:",
+        "if False:", "incremental decoding: the hourglass pooling buffer starts without its shifted-in zeros"),
+    Bug("upsample_off_by_one", "modules/scales.py", "searchsorted(coarse_ready, fine_ready, right=True) - 1",
+        "searchsorted(coarse_ready, fine_ready, right=False) - 1",
+        "upsampling: a fine element at a block's ready position reads the previous block"),
+    Bug("mask_one_ahead", "modules/scales.py", "key_ready.unsqueeze(0) <= query_ready.unsqueeze(1)",
+        "key_ready.unsqueeze(0) <= query_ready.unsqueeze(1) + 1", "block mask: a key ready at t + 1 is visible at t"),
+    Bug("top_down_drops_context", "models/top_down.py", "        return inputs + context\n",
+        "        return inputs\n", "top-down (add): the upsampled coarser scale is computed but never added"),
+    Bug("bottom_up_drops_coarsest", "models/bottom_up.py", "for s, h in enumerate(blocks, start=1):",
+        "for s, h in enumerate(blocks[:-1], start=1):", "bottom-up (residual): the coarsest scale is never added"),
+    Bug("top_down_stale_cache", "models/top_down.py", '                cache[f"newest{s}"] = h\n',
+        "                pass\n", "top-down decoding: a new coarse state is not cached for later steps"),
+    Bug("block_position_offset", "models/bottom_up.py", "positions(h, offset=self.grid.newest_block(s, t))",
+        "positions(h, offset=self.grid.newest_block(s, t) + 1)",
+        "bottom-up decoding: a new block gets the next block's position vector"),
+    Bug("cache_not_reordered", "models/decoder.py", "{name: value.index_select(0, new_order) for",
+        "{name: value for", "beam search: the per-scale caches are not reordered with the beams"),
+    Bug("retina_span_short", "modules/retina_attention.py", "b = bounds[-1] - blocks[s - 1] * k[s]",
+        "b = bounds[-1] - (blocks[s - 1] - 1) * k[s]", "retina: each bounded scale reads one block fewer"),
+    Bug("retina_window_short", "modules/retina_attention.py", "(t - window + 1) // k[1] * k[1]",
+        "(t - window + 1 + k[1]) // k[1] * k[1]", "retina: the full-resolution window ends one block early"),
+    Bug("retina_chunk_mask_open", "modules/retina_attention.py", "allowed = (q_lo <= j) & (j <= t.view(n, chunk, 1))",
+        "allowed = (q_lo <= j) & (j <= t.view(n, chunk, 1) + 1)",
+        "retina (blockwise): a query also sees the next token in its chunk"),
+    Bug("attention_dropout_at_eval", "modules/attention.py",
+        "dropout_p=self.attention_dropout if self.training else 0.0", "dropout_p=self.attention_dropout",
+        "attention dropout stays on at evaluation (scores change from call to call)"),
+    Bug("padding_on_the_left", "models/decoder.py", "x = F.pad(x, (0, 0, 0, grid_pad))",
+        "x = F.pad(x, (0, 0, grid_pad, 0))", "off-grid inputs are padded on the left: real positions move"),
+]
+
+
+def plant(bug, scratch: str):
+    """Copy tests, scripts and package to `scratch` and apply the bug there (None: the unmodified control)."""
+    for folder in ("tests", "scripts", PACKAGE):
+        shutil.copytree(os.path.join(REPO, folder), os.path.join(scratch, folder),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    os.symlink(os.path.join(REPO, "data-bin"), os.path.join(scratch, "data-bin"))
+    if bug is None:
+        return
+    path = os.path.join(scratch, PACKAGE, bug.path)
+    source = open(path).read()
+    if source.count(bug.old) != 1:
+        raise SystemExit(f"planted_bugs.py: error: {bug.name}: the text to replace occurs {source.count(bug.old)} "
+                         f"times in {PACKAGE}/{bug.path} (the source changed: update BUGS)")
+    open(path, "w").write(source.replace(bug.old, bug.new))
+
+
+def run_suite(scratch: str, tests):
+    """pytest -x on the copy; returns (caught, first failing test or None, seconds)."""
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=scratch,
+        capture_output=True, text=True,
+    )
+    failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return proc.returncode != 0, (failed[0] if failed else None), time.time() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these bugs (see --list)")
+    parser.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, help="test files to run against each bug")
+    parser.add_argument("--list", action="store_true", help="list the bugs and exit")
+    args = parser.parse_args()
+    names = {bug.name for bug in BUGS}
+    if args.only and set(args.only) - names:
+        parser.error(f"--only: unknown bug(s) {sorted(set(args.only) - names)}; see --list")
+    if args.list:
+        for bug in BUGS:
+            print(f"{bug.name:28} {bug.path:32} {bug.what}")
+        return
+    bugs = [bug for bug in BUGS if not args.only or bug.name in args.only]
+
+    with tempfile.TemporaryDirectory(prefix="planted-none-") as scratch:  # the control: no bug, the suite passes
+        plant(None, scratch)
+        failed, test, seconds = run_suite(scratch, args.tests)
+    if failed:
+        raise SystemExit(f"planted_bugs.py: error: the tests fail without any planted bug ({test}): fix that first")
+    print(f"[0/{len(bugs)}] no bug (control): the tests pass in {seconds:.0f} s", flush=True)
+
+    rows, missed = [], []
+    for i, bug in enumerate(bugs, start=1):
+        with tempfile.TemporaryDirectory(prefix=f"planted-{bug.name}-") as scratch:
+            plant(bug, scratch)
+            caught, test, seconds = run_suite(scratch, args.tests)
+        verdict = "caught" if caught else "MISSED"
+        print(f"[{i}/{len(bugs)}] {bug.name}: {verdict} in {seconds:.0f} s{' by ' + test if test else ''}",
+              flush=True)
+        rows.append(f"| `{bug.name}` | {bug.what} | {verdict} | {f'`{test}`' if test else '-'} |")
+        if not caught:
+            missed.append(bug.name)
+    print("\n| bug | what | result | first failing test |\n|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\n{len(bugs) - len(missed)} of {len(bugs)} planted bugs caught" + (f"; missed: {missed}" if missed else ""))
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
