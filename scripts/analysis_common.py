@@ -185,6 +185,8 @@ def heatmap(ax, matrix, row_labels, col_labels, title, fmt="{:.2f}", vmax=1.0):
     for i in range(len(row_labels)):
         for j in range(len(col_labels)):
             value = matrix[i][j]
+            if value != value:  # NaN: an empty cell
+                continue
             ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=6.5,
                     color="white" if value < 0.6 * vmax else "black")
     return image

@@ -80,6 +80,7 @@ class AttentionMap:
     key_scale: torch.Tensor    # (Tk,) scale of each key (0: tokens)
     key_ready: torch.Tensor    # (Tk,) ready position of each key
     query_ready: torch.Tensor  # (Tq,)
+    allowed: torch.Tensor      # (Tq, Tk) bool: the keys each query may read
     output_error: float        # max |output rebuilt from probs - output of the model|
 
 
@@ -129,7 +130,8 @@ def layer_attention(model, layer, recorder) -> AttentionMap:
         probs = weights.transpose(0, 1)  # (H, B, T, T) -> (B, H, T, T)
         n = probs.size(-1)
         zeros, positions = torch.zeros(n, dtype=torch.long), torch.arange(n)
-        return AttentionMap(probs, zeros, positions, positions, (out - produced).abs().max().item())
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        return AttentionMap(probs, zeros, positions, positions, causal, (out - produced).abs().max().item())
 
     block = layer.module
     h = block.attn_norm(args[0])  # (B, N, C): what the attention's queries (and own-scale keys) read
@@ -158,7 +160,7 @@ def layer_attention(model, layer, recorder) -> AttentionMap:
             key_scale, key_ready = torch.full((n,), layer.scale), query_ready
         keys, values = attn.keys_values(memory)
         probs, out = softmax_attention(attn, h, keys, values, allowed)
-    return AttentionMap(probs, key_scale, key_ready, query_ready, (out - produced).abs().max().item())
+    return AttentionMap(probs, key_scale, key_ready, query_ready, allowed, (out - produced).abs().max().item())
 
 
 # ---------------------------------------------------------------- shares
@@ -184,16 +186,29 @@ def attention_shares(amap: AttentionMap, num_scales: int, edges: torch.Tensor):
     return by_scale, by_distance, mean_distance
 
 
+def uniformity(amap: AttentionMap):
+    """-> (entropy / log(keys allowed) per query (B, H, Tq'), over queries that may read >= 2 keys: 1 = uniform;
+    the mean distance each query (Tq,) would have if it spread its attention evenly over the keys it may read)."""
+    allowed = amap.allowed.to(amap.probs)
+    count = allowed.sum(-1)  # (Tq,)
+    entropy = -(amap.probs * amap.probs.clamp(min=1e-30).log()).sum(-1)  # (B, H, Tq)
+    several = count >= 2
+    ratio = entropy[..., several] / count[several].log()
+    distance = (amap.query_ready[:, None] - amap.key_ready[None, :] + 1).clamp(min=0).to(allowed)
+    return ratio, (allowed * distance).sum(-1) / count
+
+
 def uniform_reference(length: int, edges: torch.Tensor) -> dict:
     """The distance shares of causal attention spread evenly over all earlier tokens: a layer's row above this one
     leans towards short range, below it towards long range."""
     allowed = torch.ones(length, length, dtype=torch.bool).tril()
     probs = (allowed / allowed.sum(-1, keepdim=True)).view(1, 1, length, length)
     positions = torch.arange(length)
-    amap = AttentionMap(probs, torch.zeros(length, dtype=torch.long), positions, positions, 0.0)
+    amap = AttentionMap(probs, torch.zeros(length, dtype=torch.long), positions, positions, allowed, 0.0)
     _, by_distance, mean_distance = attention_shares(amap, 1, edges)
     return {"layer": "ref: uniform over earlier tokens", "distance_share": by_distance.mean((0, 1, 2)).tolist(),
-            "mean_distance": mean_distance.mean().item()}
+            "mean_distance": mean_distance.mean().item(), "uniform_mean_distance": mean_distance.mean().item(),
+            "entropy_ratio": 1.0}
 
 
 def analyze(model, tokens, batch_size, edges):
@@ -210,8 +225,13 @@ def analyze(model, tokens, batch_size, edges):
             for layer in layers:
                 amap = layer_attention(model, layer, recorder)
                 by_scale, by_distance, mean_distance = attention_shares(amap, num_scales, edges)
+                entropy_ratio, uniform_distance = uniformity(amap)
                 acc = sums.setdefault(layer.name, {"scale": 0, "distance": 0, "mean_distance": 0.0, "queries": 0,
-                                                   "total_error": 0.0, "output_error": 0.0})
+                                                   "entropy_ratio": 0.0, "entropy_queries": 0,
+                                                   "uniform_distance": 0.0, "total_error": 0.0, "output_error": 0.0})
+                acc["entropy_ratio"] += entropy_ratio.sum().item()
+                acc["entropy_queries"] += entropy_ratio.numel()
+                acc["uniform_distance"] += uniform_distance.sum().item() * by_scale.size(0)
                 acc["scale"] = acc["scale"] + by_scale.sum((0, 2))  # (H, S)
                 acc["distance"] = acc["distance"] + by_distance.sum((0, 2))  # (H, NB)
                 acc["mean_distance"] += mean_distance.sum().item()
@@ -231,6 +251,8 @@ def analyze(model, tokens, batch_size, edges):
             "scale_share": per_head_scale.mean(0).tolist(), "distance_share": per_head_distance.mean(0).tolist(),
             "scale_share_per_head": per_head_scale.tolist(), "distance_share_per_head": per_head_distance.tolist(),
             "mean_distance": acc["mean_distance"] / (acc["queries"] * heads),
+            "uniform_mean_distance": acc["uniform_distance"] / acc["queries"],
+            "entropy_ratio": acc["entropy_ratio"] / acc["entropy_queries"],
             "max_total_error": acc["total_error"], "max_output_error": acc["output_error"],
         })
     return results
@@ -251,20 +273,26 @@ def write_outputs(opts, model, results, reference, distance_labels, seconds):
     rows = [r["layer"] for r in results]
     multi_scale = len(scales) > 1
     widths = ([len(scales) + 0.5] if multi_scale else []) + [len(distance_labels) + 1.5]
-    fig, axes = plt.subplots(1, len(widths), figsize=(1.2 + 0.75 * sum(widths), 1.4 + 0.32 * len(rows)),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig, axes = plt.subplots(1, len(widths), figsize=(2.5 + 0.75 * sum(widths), 1.8 + 0.32 * len(rows)),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False, layout="constrained")
     axes = list(axes[0])
     if multi_scale:
-        heatmap(axes.pop(0), [r["scale_share"] for r in results], rows, scales, "share of attention per scale")
-    distance = [r["distance_share"] + [r["mean_distance"] / opts.length] for r in results + [reference]]
-    image = heatmap(axes[0], distance, (rows if not multi_scale else [""] * len(rows)) + [reference["layer"]],
-                    distance_labels + ["mean d / T"], "share per distance (tokens); last column: mean d / T")
+        blank = [float("nan")] * len(scales)  # a row level with the distance panel's reference row
+        heatmap(axes.pop(0), [r["scale_share"] for r in results] + [blank], rows + [""], scales,
+                "share of attention per scale")
+    distance = [r["distance_share"] + [r["mean_distance"] / r["uniform_mean_distance"], r["entropy_ratio"]]
+                for r in results + [reference]]
+    image = heatmap(axes[0], distance, rows + [reference["layer"]],
+                    distance_labels + ["mean d\n/ even", "entropy\n/ even"],
+                    "share per distance d (tokens); last two columns: relative to attention spread evenly")
     axes[0].axhline(len(rows) - 0.5, color="white", linewidth=2)
+    if multi_scale:  # layer names on the right, clear of the scale panel
+        axes[0].yaxis.tick_right()
     fig.suptitle(f"{opts.name}: where attention goes ({opts.sequences} x {opts.length} tokens of {opts.split})",
                  fontsize=10)
-    fig.colorbar(image, ax=axes, fraction=0.03, pad=0.02)
+    fig.colorbar(image, ax=axes, fraction=0.03)
     figure = os.path.join(opts.out, "attention.png")
-    fig.savefig(figure, dpi=110, bbox_inches="tight")
+    fig.savefig(figure, dpi=110)
     plt.close(fig)
 
     with open(os.path.join(opts.out, "attention.json"), "w") as f:
@@ -277,14 +305,17 @@ def write_outputs(opts, model, results, reference, distance_labels, seconds):
              f"{opts.split} (seed {opts.seed}); shares averaged over heads and queries; distance d = t_query - t_key + 1 "
              f"between ready positions, in tokens (1 = the query's own token). Layers in forward order; `/K` = a layer "
              f"running on K-token blocks. {seconds:.0f} s.", "", "![attention](attention.png)", ""]
-    header = ["layer", *(scales if multi_scale else []), *distance_labels, "mean d"]
+    header = ["layer", *(scales if multi_scale else []), *distance_labels, "mean d", "uniform mean d",
+              "entropy / uniform"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["layer"], *([f"{x:.3f}" for x in r["scale_share"]] if multi_scale else []),
-                 *[f"{x:.3f}" for x in r["distance_share"]], f"{r['mean_distance']:.1f}"]
+                 *[f"{x:.3f}" for x in r["distance_share"]], f"{r['mean_distance']:.1f}",
+                 f"{r['uniform_mean_distance']:.1f}", f"{r['entropy_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     cells = [reference["layer"], *([""] * len(scales) if multi_scale else []),
-             *[f"{x:.3f}" for x in reference["distance_share"]], f"{reference['mean_distance']:.1f}"]
+             *[f"{x:.3f}" for x in reference["distance_share"]], f"{reference['mean_distance']:.1f}",
+             f"{reference['uniform_mean_distance']:.1f}", "1.00"]
     lines.append("| " + " | ".join(cells) + " |")
     worst_total = max(r["max_total_error"] for r in results)
     worst_output = max(r["max_output_error"] for r in results)

@@ -41,7 +41,7 @@ from analysis_common import (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p, split="train", sequences=128)
+    add_common_args(p, split="train", sequences=256)
     p.add_argument("--top-k", type=int, default=25, help="triggers kept per key (the paper's 25)")
     p.add_argument("--value-tokens", type=int, default=10, help="top tokens kept per value vector")
     p.add_argument("--keys-per-layer", type=int, default=3, help="sampled keys shown in the report, per layer")
@@ -212,7 +212,8 @@ def write_outputs(opts, dictionary, indices, tokens, results, seconds):
     os.makedirs(opts.out, exist_ok=True)
     names = [r["layer"] for r in results]
     x = range(len(results))
-    fig, (patterns, agreement) = plt.subplots(1, 2, figsize=(4 + 0.7 * len(results), 4.2))
+    fig, (patterns, agreement, alive) = plt.subplots(1, 3, figsize=(max(13, 5 + 1.0 * len(results)), 4.4),
+                                                     gridspec_kw={"width_ratios": [2, 2, 1]})
     shallow = [r["shallow_share"] for r in results]
     patterns.bar(x, shallow, color="tab:orange", label="shallow (triggers share their last token)")
     patterns.bar(x, [r["semantic_share"] for r in results], bottom=shallow, color="tab:blue",
@@ -220,7 +221,7 @@ def write_outputs(opts, dictionary, indices, tokens, results, seconds):
     patterns.plot(x, [r["mean_same_last_token"] for r in results], "k.-", label="mean share ending in the same token")
     patterns.plot(x, [r["mean_same_last_token_baseline"] for r in results], "k.:",
                   label="  baseline (random elements)")
-    patterns.set_ylim(0, 1.25)
+    patterns.set_ylim(0, 1.45)
     patterns.set_title(f"key patterns (top {opts.top_k} triggers per key)", fontsize=9)
     agreement.plot(x, [100 * r["agreement_top1"] for r in results], "o-", color="tab:green",
                    label="value's top token = next token of top trigger")
@@ -232,10 +233,14 @@ def write_outputs(opts, dictionary, indices, tokens, results, seconds):
                    label="  baseline")
     agreement.set_ylabel("%")
     agreement.set_title("agreement between keys and values", fontsize=9)
-    for ax in (patterns, agreement):
+    alive.bar(x, [1 - r["dead_keys"] / r["keys"] for r in results], color="tab:gray")
+    alive.set_ylim(0, 1.05)
+    alive.set_title("share of keys that fire at least once", fontsize=9)
+    for ax in (patterns, agreement, alive):
         ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
-        ax.legend(fontsize=7, loc="upper left")
-    agreement.set_ylim(0, max(5, 1.4 * max(100 * r["agreement_top_n"] for r in results)))
+    for ax in (patterns, agreement):
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
+    agreement.set_ylim(0, max(5, 1.5 * max(100 * r["agreement_top_n"] for r in results)))
     fig.suptitle(f"{opts.name}: FFN key-value memories ({opts.sequences} x {opts.length} tokens of {opts.split})",
                  fontsize=10)
     fig.tight_layout()
