@@ -9,8 +9,11 @@ import os
 import re
 
 import pytest
+import torch
+from fairseq import checkpoint_utils
+from fairseq.data import data_utils, indexed_dataset
 
-from conftest import USER_DIR, fairseq_cli
+from conftest import USER_DIR, fairseq_cli, log_probs
 
 TASK = ["--user-dir", USER_DIR, "--task", "multiscale_language_modeling", "--cpu"]
 ADAPTIVE = ["--adaptive-input", "--adaptive-input-cutoff", "2000,6000", "--adaptive-softmax-cutoff", "2000,6000",
@@ -34,13 +37,19 @@ def train(corpus, save_dir, arch_flags, updates):
     )
 
 
-def eval_lm(corpus, checkpoint, *flags):
-    """Perplexity on all of valid (a shard would cover different text with and without a context window)."""
+def eval_lm(corpus, checkpoint, *flags, tokens_per_sample=64):
+    """Perplexity on all of valid (a shard would cover different text with and without a context window).
+
+    tokens_per_sample=None leaves fairseq-eval-lm's own default (1024)."""
+    samples = [] if tokens_per_sample is None else ["--tokens-per-sample", tokens_per_sample]
     proc = fairseq_cli(
-        "fairseq-eval-lm", corpus, *TASK, "--path", checkpoint, "--gen-subset", "valid", "--tokens-per-sample",
-        "64", "--max-tokens", "4096", "--num-workers", "0", *flags,
+        "fairseq-eval-lm", corpus, *TASK, "--path", checkpoint, "--gen-subset", "valid", *samples,
+        "--max-tokens", "4096", "--num-workers", "0", *flags,
     )
-    match = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", proc.stdout + proc.stderr)
+    log = proc.stdout + proc.stderr
+    evaluated = re.search(r"Evaluated ([\d,]+) tokens", log)
+    assert evaluated and int(evaluated.group(1).replace(",", "")) > 0, f"no token was scored:\n{log[-2000:]}"
+    match = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", log)
     assert match, proc.stderr[-2000:]
     return float(match.group(2))
 
@@ -66,13 +75,57 @@ def test_resume_continues_from_checkpoint_last(trained, corpus):
     assert "num_updates 15" in log
 
 
-def test_eval_lm_with_and_without_context_window(trained, corpus):
+@pytest.fixture(scope="module")
+def eval_bin(corpus, tmp_path_factory):
+    """The first 12 lines of valid (~300 tokens) as a 'test' subset: small enough to score token by token here."""
+    folder = tmp_path_factory.mktemp("eval_bin")
+    os.symlink(os.path.join(corpus, "dict.txt"), folder / "dict.txt")
+    lines = data_utils.load_indexed_dataset(os.path.join(corpus, "valid"), None)
+    builder = indexed_dataset.make_builder(str(folder / "test.bin"), impl="mmap", vocab_size=50000)
+    for i in range(12):
+        builder.add_item(lines[i])  # each line ends with eos, as fairseq-preprocess writes it
+    builder.finalize(str(folder / "test.idx"))
+    return folder
+
+
+def scored_tokens(data, checkpoint, *flags):
+    """fairseq-eval-lm --output-word-probs on the whole subset: {sample id: [natural-log prob of each target]}."""
+    proc = fairseq_cli(
+        "fairseq-eval-lm", data, *TASK, "--path", checkpoint, "--gen-subset", "test", "--tokens-per-sample", "64",
+        "--max-tokens", "256", "--output-word-probs", "--num-workers", "0", *flags,  # 4 rows a batch, padded
+    )
+    scores = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        match = re.search(r"fairseq_cli\.eval_lm[:| ]+(\d+) (\S.*\[-?[\d.]+\].*)$", line)
+        if match:
+            scores[int(match.group(1))] = [float(p) for p in re.findall(r"\[(-?[\d.]+)\]", match.group(2))]
+    return scores
+
+
+@pytest.mark.parametrize("context_window", [0, 24])
+def test_eval_lm_scores_every_token_as_one_full_pass(trained, eval_bin, context_window):
+    """Each token's score from fairseq-eval-lm (batched, right-padded rows; with --context-window, blocks of
+    64 - C targets behind the C tokens before them) equals one forward pass of the model alone over exactly that
+    context, to 1e-4; every token of the subset is scored once."""
     _, save_dir, _ = trained
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    plain = eval_lm(corpus, checkpoint)
-    with_context = eval_lm(corpus, checkpoint, "--context-window", "32")
-    assert 1 < plain < 20000 and math.isfinite(plain)
-    assert with_context <= plain * 1.001, f"context made perplexity worse: {with_context} > {plain}"
+    flags = ["--context-window", context_window] if context_window else []
+    scores = scored_tokens(eval_bin, checkpoint, *flags)
+    (model,), _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": str(eval_bin)})
+    model.eval()
+    lines = data_utils.load_indexed_dataset(str(eval_bin / "test"), None)
+    stream = torch.cat([lines[i] for i in range(len(lines))])  # the targets, eos after every line
+    inputs = torch.cat([stream.new_tensor([model.decoder.dictionary.eos()]), stream[:-1]])  # shifted right by one
+    block = 64 - context_window
+    assert sorted(scores) == list(range(-(-len(stream) // block))), "one sample per block, every block scored"
+    for i, from_cli in scores.items():
+        start, end = i * block, min((i + 1) * block, len(stream))
+        first = max(start - context_window, 0)
+        with torch.no_grad():
+            lprobs = log_probs(model, inputs[first:end].unsqueeze(0))[0, start - first :]  # (end - start, V)
+        expected = lprobs.gather(-1, stream[start:end].unsqueeze(-1)).squeeze(-1)
+        assert len(from_cli) == end - start
+        assert (torch.tensor(from_cli) - expected).abs().max() < 1e-4, f"sample {i}"
 
 
 def word_probs(corpus, checkpoint, *flags):
@@ -116,21 +169,45 @@ def prompts_bin(corpus, tmp_path_factory):
     return folder / "bin"
 
 
-def test_sampling_with_interactive_and_generate(trained, corpus, prompts_bin):
-    """Top-k sampling through fairseq-interactive, top-p sampling through fairseq-generate."""
-    _, save_dir, _ = trained
-    common = ["--path", os.path.join(save_dir, "checkpoint_last.pt"), "--sampling", "--beam", "1",
-              "--max-len-b", "12", "--seed", "3"]
-    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, *common, "--sampling-topk", "10",
-                       "--tokenizer", "moses", "--moses-no-escape", stdin="The module provides\n")
-    assert [line for line in proc.stdout.splitlines() if line.startswith("D-0\t")], proc.stdout[-2000:]
+def generated(proc):
+    """fairseq-generate's output: {sample id: (tokens, base-2 positional scores)}."""
+    lines = proc.stdout.splitlines()
+    tokens = {int(line.split("\t")[0][2:]): line.split("\t")[2].split() for line in lines if line.startswith("H-")}
+    scores = {int(line.split("\t")[0][2:]): [float(x) for x in line.split("\t")[1].split()]
+              for line in lines if line.startswith("P-")}
+    return {i: (tokens[i], scores[i]) for i in tokens}
 
-    proc = fairseq_cli("fairseq-generate", prompts_bin, *TASK, *common, "--sampling-topp", "0.9",
-                       "--gen-subset", "test", "--sample-break-mode", "eos", "--prefix-size", "2",
-                       "--batch-size", "3", "--required-batch-size-multiple", "1")  # else 3 prompts make 0 batches
-    hypotheses = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
-    assert len(hypotheses) == 3, proc.stdout[-2000:]
-    assert all(math.isfinite(float(score)) for _, score, _ in hypotheses)
+
+def test_sampling_draws_from_the_top_k(trained, corpus, prompts_bin):
+    """fairseq-generate on three prompts of different lengths in one batch: --sampling-topk 1 gives greedy's
+    output; with --sampling-topk 5 every generated token is one of the 5 most likely under a full forward pass of
+    the checkpoint, and each reported score is that token's log-probability (4 decimals, base 2)."""
+    _, save_dir, _ = trained
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    common = [prompts_bin, *TASK, "--path", checkpoint, "--gen-subset", "test", "--sample-break-mode", "eos",
+              "--beam", "1", "--max-len-b", "16", "--batch-size", "3", "--required-batch-size-multiple", "1"]
+    greedy = generated(fairseq_cli("fairseq-generate", *common))
+    assert generated(fairseq_cli("fairseq-generate", *common, "--sampling", "--sampling-topk", "1")) == greedy
+
+    sampled = generated(fairseq_cli("fairseq-generate", *common, "--sampling", "--sampling-topk", "5", "--seed", "3"))
+    assert len(sampled) == 3 and sampled != greedy
+    (model,), _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": corpus})
+    model.eval()
+    dictionary = model.decoder.dictionary
+    prompts = data_utils.load_indexed_dataset(str(prompts_bin / "test"), None)
+    for i, (words, scores) in sampled.items():
+        target = torch.tensor([dictionary.index(w) for w in words] + [dictionary.eos()])
+        inputs = torch.cat([target.new_tensor([dictionary.eos()]), target[:-1]])
+        with torch.no_grad():
+            lprobs = log_probs(model, inputs.unsqueeze(0))[0]  # (L, V)
+        lprobs[:, dictionary.pad()] = float("-inf")  # never generated
+        chosen = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        kth_best = lprobs.topk(5, dim=-1).values[:, -1]
+        prompt_length = len(prompts[i]) - 1  # the binarized line ends with eos
+        assert words[:prompt_length] == dictionary.string(prompts[i][:-1]).split(), "the prompt is kept"
+        new = slice(prompt_length, min(len(target), 16))  # at the length limit eos is forced, not sampled
+        assert (chosen[new] >= kth_best[new] - 1e-5).all(), f"prompt {i}: a token outside the top 5"
+        assert max(abs(a - b) for a, b in zip(scores, (chosen / math.log(2)).tolist())) < 1e-3
 
 
 def test_interactive_continues_a_prompt(trained, corpus):
@@ -149,3 +226,64 @@ def test_interactive_continues_a_prompt(trained, corpus):
     assert len(tokenized[0][2].split()) > len(prompt_tokens), "nothing was generated after the prompt"
     assert detokenized[0][2].startswith("The built-in function")
     assert all(math.isfinite(float(score)) for _, score, _ in tokenized)
+
+
+# ---------------------------------------------------------------- the CLIs' own defaults
+# fairseq-eval-lm, -generate and -interactive set the task up from their own command line (design.md §6): without
+# --tokens-per-sample they take 1024, whatever the checkpoint was trained with (64 here).
+
+LONG_PROMPT = (  # 70+ tokens after Moses tokenization: longer than any training sample
+    "The standard library contains built-in modules , written in C , that provide access to system functionality "
+    "such as file input and output that would otherwise be inaccessible to Python programmers , as well as modules "
+    "written in Python that provide standardized solutions for many problems that occur in everyday programming . "
+    "Some of these modules are explicitly designed to encourage and enhance the portability of\n"
+)
+
+
+def test_eval_lm_with_its_default_sample_length(trained, corpus):
+    """1024-token samples, alone and behind a 100-token context window, from a model trained on 64: the
+    sinusoidal token and block positions grow on demand and every token is scored (eval_lm checks the count)."""
+    _, save_dir, _ = trained
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    shard = ["--num-shards", "20", "--shard-id", "0"]  # 3-4 samples of 1024 tokens are enough, and fast
+    for flags in ([], ["--context-window", "100"]):
+        perplexity = eval_lm(corpus, checkpoint, *shard, *flags, tokens_per_sample=None)
+        assert 1 < perplexity and math.isfinite(perplexity)
+
+
+def test_generation_past_the_trained_length_with_defaults(trained, corpus, prompts_bin):
+    """fairseq-interactive (beam 5, up to 200 tokens) continues a prompt longer than any training sample, and
+    fairseq-generate is held past 64 tokens with --min-len: incremental decoding past the trained length."""
+    _, save_dir, _ = trained
+    path = ["--path", os.path.join(save_dir, "checkpoint_last.pt")]
+    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, *path, "--tokenizer", "moses", "--moses-no-escape",
+                       stdin=LONG_PROMPT)
+    tokenized = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
+    assert len(tokenized) == 1, proc.stdout[-2000:]
+    assert len(tokenized[0][2].split()) > 64 and math.isfinite(float(tokenized[0][1]))
+
+    proc = fairseq_cli("fairseq-generate", prompts_bin, *TASK, *path, "--gen-subset", "test", "--sample-break-mode",
+                       "eos", "--prefix-size", "2", "--min-len", "70", "--max-len-b", "72", "--batch-size", "3",
+                       "--required-batch-size-multiple", "1")
+    hypotheses = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
+    assert len(hypotheses) == 3, proc.stdout[-2000:]
+    assert all(len(tokens.split()) >= 70 and math.isfinite(float(score)) for _, score, tokens in hypotheses)
+
+
+@pytest.fixture(scope="module")
+def learned_positions_checkpoint(corpus, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("learned_positions")
+    train(corpus, save_dir, [*FAMILIES["retina"], "--decoder-learned-pos"], updates=1)
+    return os.path.join(save_dir, "checkpoint_last.pt")
+
+
+def test_learned_positions_stop_with_one_line_naming_the_option(learned_positions_checkpoint, corpus):
+    """Learned tables cover the training length only: the CLIs' default 1024 stops before any data is read, with
+    one line naming the option to pass; with it, eval-lm runs."""
+    expected = ("fairseq-msformer: error: --tokens-per-sample: 1024 tokens per sample, but this model's learned "
+                "positions cover 64; pass --tokens-per-sample 64 or less (--context-window is taken out of it)")
+    for cli, stdin in (("fairseq-eval-lm", None), ("fairseq-interactive", "The module\n")):
+        proc = fairseq_cli(cli, corpus, *TASK, "--path", learned_positions_checkpoint, check=False, stdin=stdin)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == expected
+    eval_lm(corpus, learned_positions_checkpoint, "--num-shards", "20", "--shard-id", "0")

@@ -15,7 +15,9 @@ from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import AdaptiveSoftmax, FairseqDropout, LayerNorm, PositionalEmbedding
 from fairseq.utils import eval_str_list
 
+from ..errors import MsformerConfigError
 from ..modules import ScaleGrid
+from ..modules.positions import SINUSOIDAL_MAX_POSITIONS, position_table_length
 from .bottom_up import BottomUp
 from .retina import Retina
 from .top_down import TopDown
@@ -29,7 +31,9 @@ class MsformerDecoder(FairseqIncrementalDecoder):
     def __init__(self, args, dictionary, embed_tokens, plan):
         super().__init__(dictionary)
         dim = args.decoder_embed_dim
+        # None with sinusoidal positions unless --max-target-positions was given: no limit but fairseq's own
         self.max_target_positions = args.max_target_positions
+        self.learned_positions = args.decoder_learned_pos
         self.grid = ScaleGrid(plan.pool_factors, args.shift_rule)
 
         self.embed_tokens = embed_tokens
@@ -38,7 +42,7 @@ class MsformerDecoder(FairseqIncrementalDecoder):
             None
             if args.no_token_positional_embeddings
             else PositionalEmbedding(
-                args.max_target_positions, dim, dictionary.pad(), learned=args.decoder_learned_pos
+                position_table_length(args), dim, dictionary.pad(), learned=args.decoder_learned_pos
             )
         )
         self.dropout_module = FairseqDropout(args.dropout, module_name=type(self).__name__)
@@ -119,8 +123,11 @@ class MsformerDecoder(FairseqIncrementalDecoder):
 
     def check_length(self, seq_len: int):
         if seq_len > self.max_positions():
-            raise ValueError(f"input of {seq_len} tokens is longer than the model's max_positions "
-                             f"({self.max_positions()}, --max-target-positions)")
+            raise MsformerConfigError(
+                f"--tokens-per-sample: an input of {seq_len} tokens is longer than the model's max_positions "
+                f"({self.max_positions()}{', learned positions' if self.learned_positions else ''}); pass "
+                f"--tokens-per-sample {self.max_positions()} or less (with --context-window: the two together)"
+            )
 
     def output_layer(self, features):
         if self.adaptive_softmax is not None:
@@ -128,9 +135,14 @@ class MsformerDecoder(FairseqIncrementalDecoder):
         return self.output_projection(features)
 
     def max_positions(self):
+        """Learned positions: the length of their tables (--max-target-positions, by default the training length).
+        Sinusoidal ones grow on demand (token and block positions, like fairseq's), so unless
+        --max-target-positions sets a limit, fairseq-eval-lm's default 1024-token samples are scored by a model
+        trained on shorter ones (transformer_lm, which takes its training length as the limit, skips them)."""
+        limit = self.max_target_positions or SINUSOIDAL_MAX_POSITIONS
         if self.embed_positions is None:
-            return self.max_target_positions
-        return min(self.max_target_positions, self.embed_positions.max_positions)
+            return limit
+        return min(limit, self.embed_positions.max_positions)
 
     def reorder_incremental_state(self, incremental_state, new_order):
         """Beam search: every cached tensor is batch-first (B, ...)."""

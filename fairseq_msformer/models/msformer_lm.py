@@ -6,6 +6,7 @@ from fairseq.models.transformer import Embedding
 from fairseq.modules import AdaptiveInput
 from fairseq.utils import eval_str_list, safe_getattr
 
+from ..errors import MsformerConfigError
 from .config import MsformerLMConfig, check_config
 from .decoder import MsformerDecoder
 
@@ -18,9 +19,11 @@ class MsformerLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        tokens_per_sample = safe_getattr(args, "tokens_per_sample", None) or task.args.tokens_per_sample
-        if safe_getattr(args, "max_target_positions", None) is None:
-            args.max_target_positions = tokens_per_sample
+        if safe_getattr(args, "tokens_per_sample", None) is None:
+            args.tokens_per_sample = task.args.tokens_per_sample
+        tokens_per_sample = args.tokens_per_sample
+        if safe_getattr(args, "max_target_positions", None) is None and args.decoder_learned_pos:
+            args.max_target_positions = tokens_per_sample  # learned tables cover the training length
         dictionary = task.source_dictionary
         plan = check_config(args, len(dictionary), tokens_per_sample)
 
@@ -38,8 +41,23 @@ class MsformerLanguageModel(FairseqLanguageModel):
         else:
             embed_tokens = Embedding(len(dictionary), args.decoder_embed_dim, dictionary.pad())
         decoder = MsformerDecoder(args, task.target_dictionary, embed_tokens, plan)
+        check_sample_length(decoder, task)
         logger.info(describe_scales(args, decoder.grid, plan, tokens_per_sample))
         return cls(decoder)
+
+
+def check_sample_length(decoder, task):
+    """fairseq-eval-lm, -generate and -interactive set the task up from their own command line, with
+    --tokens-per-sample 1024 unless told (design.md §6): a model with learned positions for fewer tokens stops
+    here with one line, instead of eval-lm silently skipping every sample or a forward pass failing later."""
+    wanted = safe_getattr(safe_getattr(task, "args", None), "tokens_per_sample", None)
+    limit = decoder.max_positions()
+    if wanted is not None and wanted > limit:
+        kind = "learned positions" if decoder.learned_positions else "--max-target-positions"
+        raise MsformerConfigError(
+            f"--tokens-per-sample: {wanted} tokens per sample, but this model's {kind} cover {limit}; "
+            f"pass --tokens-per-sample {limit} or less (--context-window is taken out of it)"
+        )
 
 
 def describe_scales(args, grid, plan, tokens_per_sample):
