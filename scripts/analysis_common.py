@@ -30,12 +30,12 @@ def add_common_args(parser: argparse.ArgumentParser, split: str, sequences: int)
     parser.add_argument("data", help="the binarized corpus the model was trained on (e.g. data-bin/pydoc)")
     parser.add_argument("--out", help="folder for the report and figures (default: docs/analysis/<name>)")
     parser.add_argument("--name", help="model name in titles and the default --out (default: the checkpoint's folder)")
-    parser.add_argument("--split", default=split, help="which split to sample sequences from")
-    parser.add_argument("--sequences", type=int, default=sequences, help="how many sequences to sample")
+    parser.add_argument("--split", default=split, help="which split to sample sequences from (default: %(default)s)")
+    parser.add_argument("--sequences", type=int, default=sequences, help="how many sequences to sample (default: %(default)s)")
     parser.add_argument("--length", type=int, help="tokens per sequence (default: the model's --tokens-per-sample)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
-    parser.add_argument("--seed", type=int, default=1, help="which sequences are sampled")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1, help="which sequences are sampled (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's default (default: %(default)s)")
 
 
 def finish_common_args(opts):

@@ -39,16 +39,16 @@ from analysis_common import (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, split="train", sequences=256)
-    p.add_argument("--top-k", type=int, default=25, help="triggers kept per key (the paper's 25)")
-    p.add_argument("--value-tokens", type=int, default=10, help="top tokens kept per value vector")
-    p.add_argument("--keys-per-layer", type=int, default=3, help="sampled keys shown in the report, per layer")
+    p.add_argument("--top-k", type=int, default=25, help="triggers kept per key (default: %(default)s, as the paper)")
+    p.add_argument("--value-tokens", type=int, default=10, help="top tokens kept per value vector (default: %(default)s)")
+    p.add_argument("--keys-per-layer", type=int, default=3, help="sampled keys shown in the report, per layer (default: %(default)s)")
     p.add_argument("--shallow-share", type=float, default=0.5,
-                   help="a key is 'shallow' when at least this share of its triggers end in the same token")
-    p.add_argument("--permutations", type=int, default=20, help="random pairings averaged for the baselines")
-    p.add_argument("--context", type=int, default=10, help="tokens of each trigger prefix shown in the report")
+                   help="a key is 'shallow' when at least this share of its triggers end in the same token "
+                        "(default: %(default)s)")
+    p.add_argument("--permutations", type=int, default=20, help="random pairings averaged for the baselines (default: %(default)s)")
+    p.add_argument("--context", type=int, default=10, help="tokens of each trigger prefix shown in the report (default: %(default)s)")
     return finish_common_args(p.parse_args(argv))
 
 
@@ -149,7 +149,7 @@ def layer_statistics(values, ready_token, next_token, promoted, every_last_token
             "mean_same_last_token_baseline": same_last_random.mean().item()}
 
 
-def analyze(model, task, tokens, targets, indices, opts):
+def analyze(model, tokens, targets, indices, opts):
     layers = model_layers(model)
     progress(f"memory coefficients of {len(layers)} layers over {len(tokens)} x {tokens.size(1)} tokens")
     triggers = collect_triggers(model, layers, tokens, opts.batch_size, opts.top_k)
@@ -292,7 +292,7 @@ def main(argv=None):
     opts.length = model_length(model, task, opts.length)
     indices, tokens, targets = sample_sequences(task, opts.split, opts.sequences, opts.length, opts.seed)  # (N, T)
     opts.sequences = len(tokens)
-    results = analyze(model, task, tokens, targets, indices, opts)
+    results = analyze(model, tokens, targets, indices, opts)
     figure = write_outputs(opts, task.source_dictionary, indices, tokens, results, time.time() - started)
     progress(f"written: {os.path.join(opts.out, 'memories.md')}, {figure} ({time.time() - started:.0f} s)")
     return results
