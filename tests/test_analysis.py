@@ -154,3 +154,12 @@ def test_memories_report_the_top_activations_and_promoted_tokens(checkpoints, co
             top = scores[sample["key"]].topk(report["value_tokens"])
             assert sample["value_tokens"] == top.indices.tolist(), (layer.name, sample["key"])
         assert 0 <= result["agreement_top1"] <= 1 and abs(result["shallow_share"] + result["semantic_share"] - 1) < 1e-6
+
+
+@pytest.mark.parametrize("script", [analyze_attention, analyze_memories])
+def test_missing_paths_stop_with_one_line(script, corpus, tmp_path):
+    with pytest.raises(SystemExit, match="error: no checkpoint at"):
+        script.main([str(tmp_path / "missing.pt"), corpus])
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="is not a binarized corpus"):
+        script.main([str(tmp_path / "model.pt"), str(tmp_path)])
