@@ -13,7 +13,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils, indexed_dataset
 
-from conftest import USER_DIR, fairseq_cli, log_probs
+from conftest import USER_DIR, build_model, fairseq_cli, log_probs, random_tokens
 
 TASK = ["--user-dir", USER_DIR, "--task", "multiscale_language_modeling", "--cpu"]
 ADAPTIVE = ["--adaptive-input", "--adaptive-input-cutoff", "2000,6000", "--adaptive-softmax-cutoff", "2000,6000",
@@ -28,13 +28,28 @@ FAMILIES = {
 }
 
 
-def train(corpus, save_dir, arch_flags, updates):
+def train(corpus, save_dir, arch_flags, updates, *flags, program=("fairseq-train",), **kwargs):
+    """fairseq-train (or `program` with fairseq-train's arguments) with the tests' settings; `flags` come last, so
+    they override them; kwargs go to fairseq_cli."""
     return fairseq_cli(
-        "fairseq-train", corpus, *TASK, *arch_flags, "--tokens-per-sample", "64", "--max-tokens", "1024",
+        *program, corpus, *TASK, *arch_flags, "--tokens-per-sample", "64", "--max-tokens", "1024",
         "--optimizer", "adam", "--lr", "2e-3", "--max-update", updates, "--max-valid-steps", "2",
         "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints", "--log-format", "simple",
-        "--log-interval", "5", "--seed", "1",
+        "--log-interval", "5", "--seed", "1", *flags, **kwargs,
     )
+
+
+def checkpoint_weights(save_dir) -> dict:
+    """The parameters and buffers in save_dir's checkpoint_last.pt, without fairseq's `_float_tensor` placeholders
+    (AdaptiveInput/AdaptiveSoftmax: one uninitialised float that only marks the dtype and device)."""
+    state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"), map_location="cpu", weights_only=False)
+    return {name: value for name, value in state["model"].items() if not name.endswith("_float_tensor")}
+
+
+def max_difference(weights: dict, other: dict) -> float:
+    """max |a - b| over every tensor of two checkpoint_weights."""
+    assert weights.keys() == other.keys()
+    return max((weights[name].double() - other[name].double()).abs().max().item() for name in weights)
 
 
 def eval_lm(corpus, checkpoint, *flags, tokens_per_sample=64):
@@ -232,42 +247,39 @@ def test_interactive_continues_a_prompt(trained, corpus):
 # fairseq-eval-lm, -generate and -interactive set the task up from their own command line (design.md §6): without
 # --tokens-per-sample they take 1024, whatever the checkpoint was trained with (64 here).
 
-LONG_PROMPT = (  # 70+ tokens after Moses tokenization: longer than any training sample
-    "The standard library contains built-in modules , written in C , that provide access to system functionality "
-    "such as file input and output that would otherwise be inaccessible to Python programmers , as well as modules "
-    "written in Python that provide standardized solutions for many problems that occur in everyday programming . "
-    "Some of these modules are explicitly designed to encourage and enhance the portability of\n"
-)
-
-
 def test_eval_lm_with_its_default_sample_length(trained, corpus):
-    """1024-token samples, alone and behind a 100-token context window, from a model trained on 64: the
-    sinusoidal token and block positions grow on demand and every token is scored (eval_lm checks the count)."""
+    """Models trained on 64-token samples score eval-lm's default 1024-token samples behind a 100-token context
+    window: sinusoidal token and block positions grow on demand, and every token is scored (eval_lm checks the
+    count). fairseq-generate and -interactive run without --tokens-per-sample in the tests above."""
     _, save_dir, _ = trained
-    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     shard = ["--num-shards", "20", "--shard-id", "0"]  # 3-4 samples of 1024 tokens are enough, and fast
-    for flags in ([], ["--context-window", "100"]):
-        perplexity = eval_lm(corpus, checkpoint, *shard, *flags, tokens_per_sample=None)
-        assert 1 < perplexity and math.isfinite(perplexity)
+    perplexity = eval_lm(corpus, os.path.join(save_dir, "checkpoint_last.pt"), *shard, "--context-window", "100",
+                         tokens_per_sample=None)
+    assert 1 < perplexity and math.isfinite(perplexity)
 
 
-def test_generation_past_the_trained_length_with_defaults(trained, corpus, prompts_bin):
-    """fairseq-interactive (beam 5, up to 200 tokens) continues a prompt longer than any training sample, and
-    fairseq-generate is held past 64 tokens with --min-len: incremental decoding past the trained length."""
-    _, save_dir, _ = trained
-    path = ["--path", os.path.join(save_dir, "checkpoint_last.pt")]
-    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, *path, "--tokenizer", "moses", "--moses-no-escape",
-                       stdin=LONG_PROMPT)
-    tokenized = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
-    assert len(tokenized) == 1, proc.stdout[-2000:]
-    assert len(tokenized[0][2].split()) > 64 and math.isfinite(float(tokenized[0][1]))
+LONGER_THAN_TRAINED = [
+    ("msformer_lm_bottom_up", dict(pool_factors="2,4", scale_layers="1,1", token_layers_before_pooling=1,
+                                   bottom_up_combine="both")),
+    ("msformer_lm_top_down", dict(pool_factors="4,2", scale_layers="1,1", shift_rule="hourglass")),
+    ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", token_layers=2)),
+]
 
-    proc = fairseq_cli("fairseq-generate", prompts_bin, *TASK, *path, "--gen-subset", "test", "--sample-break-mode",
-                       "eos", "--prefix-size", "2", "--min-len", "70", "--max-len-b", "72", "--batch-size", "3",
-                       "--required-batch-size-multiple", "1")
-    hypotheses = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
-    assert len(hypotheses) == 3, proc.stdout[-2000:]
-    assert all(len(tokens.split()) >= 70 and math.isfinite(float(score)) for _, score, tokens in hypotheses)
+
+@pytest.mark.parametrize("arch,options", LONGER_THAN_TRAINED, ids=[a for a, _ in LONGER_THAN_TRAINED])
+def test_sinusoidal_positions_grow_past_the_trained_length(arch, options):
+    """What eval-lm and generation past the trained length rely on, in-process: a model built for 32-token samples
+    scores 90 tokens exactly as the same weights built for 128 (token and block tables grown on demand equal
+    tables built long enough), and decoding token by token past 32 equals the full pass."""
+    short, dictionary = build_model(arch, tokens_per_sample=32, **options)
+    long, _ = build_model(arch, tokens_per_sample=128, **options)  # same seed: the same weights
+    tokens = random_tokens(dictionary, 2, 90, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = log_probs(short, tokens)
+        assert torch.allclose(full, log_probs(long, tokens), atol=1e-6)
+        state = {}
+        steps = [log_probs(short, tokens[:, :t], incremental_state=state)[:, -1] for t in range(1, 91)]
+    assert (torch.stack(steps, 1) - full).abs().max() < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -278,12 +290,13 @@ def learned_positions_checkpoint(corpus, tmp_path_factory):
 
 
 def test_learned_positions_stop_with_one_line_naming_the_option(learned_positions_checkpoint, corpus):
-    """Learned tables cover the training length only: the CLIs' default 1024 stops before any data is read, with
-    one line naming the option to pass; with it, eval-lm runs."""
-    expected = ("fairseq-msformer: error: --tokens-per-sample: 1024 tokens per sample, but this model's learned "
-                "positions cover 64; pass --tokens-per-sample 64 or less (--context-window is taken out of it)")
-    for cli, stdin in (("fairseq-eval-lm", None), ("fairseq-interactive", "The module\n")):
-        proc = fairseq_cli(cli, corpus, *TASK, "--path", learned_positions_checkpoint, check=False, stdin=stdin)
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines()[-1] == expected
+    """Learned tables cover the training length only: eval-lm's default (1024) stops when the model is loaded,
+    before any data is read, with one line naming the option to pass (as do generate and interactive); with it,
+    eval-lm runs."""
+    proc = fairseq_cli("fairseq-eval-lm", corpus, *TASK, "--path", learned_positions_checkpoint, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fairseq-msformer: error: --tokens-per-sample: 1024 tokens per sample, but this model's learned positions "
+        "cover 64; pass --tokens-per-sample 64 or less (--context-window is taken out of it)"
+    )
     eval_lm(corpus, learned_positions_checkpoint, "--num-shards", "20", "--shard-id", "0")
