@@ -1,12 +1,12 @@
-"""Half precision (issue 9): every family runs in bfloat16 forward and backward, the way fairseq's mixed-precision
-paths run it, and stays as close to fp32 as fairseq's own transformer_lm of the same size does.
+"""Half precision (issue 9): every family runs forward and backward in bfloat16 and float16, the way fairseq's
+mixed-precision paths run it, and stays as close to fp32 as fairseq's own transformer_lm of the same size does.
 
-  --bf16 / --memory-efficient-bf16 / --fp16 / --memory-efficient-fp16  weights and buffers in half precision:
-                                        here a bf16 model (no fp32 tensor may be created in forward)
-  --amp                                 fp32 weights, matmuls in half precision: here torch.autocast(cpu, bf16)
+  --fp16 / --memory-efficient-fp16 / --bf16 / --memory-efficient-bf16   weights and buffers in half precision:
+                                          here a half model (no fp32 tensor may be created in forward)
+  --amp                                   fp32 weights, matmuls in half precision: here torch.autocast on the CPU
 
-CPU bf16 stands in for the GPU: fp16 and --bf16 through fairseq-train need CUDA (design.md §6) and are run on a
-GPU machine, not in this suite. Masks are boolean, pooled/upsampled/gathered states keep the activation dtype,
+The CPU stands in for the GPU: --fp16, --bf16 and --amp through fairseq-train need CUDA (design.md §6) and are run
+on a GPU machine, not in this suite. Masks are boolean, pooled/upsampled/gathered states keep the activation dtype,
 attention runs in SDPA (fp32 softmax statistics) and fairseq normalises the output in fp32.
 """
 import copy
@@ -31,12 +31,12 @@ FAMILIES = [
     ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", pool_type="max")),
 ]
 
-# Our bf16 log-probabilities may deviate from fp32 by at most this many times as much as transformer_lm's (mean
-# and max |delta log p| over every position and word). Rounding errors of independent bf16 operations add up
-# like the square root of their number; at the same layer count a family adds a few rounded operations per layer
-# on a token's path (pooling, upsampling and combine projections, per-scale norms), at most about twice as many,
-# i.e. ~1.4x the error. A dtype bug (a softmax or a mask in bf16, an fp32 table cast down late) costs several
-# times more, so 2x keeps the tests tight without asking a deeper computation to round less.
+# Our half-precision log-probabilities may deviate from fp32 by at most this many times as much as transformer_lm's
+# (mean and max |delta log p| over every position and word). Rounding errors of independent operations add up like
+# the square root of their number; at the same layer count a family adds a few rounded operations per layer on a
+# token's path (pooling, upsampling and combine projections, per-scale norms), at most about twice as many, i.e.
+# ~1.4x the error. A dtype bug (a softmax or a mask in half precision, an fp32 table cast down late) costs several
+# times more, so 2x keeps the test tight without asking a deeper computation to round less.
 YARDSTICK_FACTOR = 2.0
 
 
@@ -66,39 +66,40 @@ def transformer_lm_like(model, vocab_words=40):
     return tlm
 
 
-def bf16_deviation(model, tokens, mode: str):
-    """Forward and backward of a copy of `model` in bf16 ('autocast' or 'bf16_model'): finite gradients required;
-    returns (mean, max) |log p - log p_fp32| over (B, T, V)."""
+def half_precision_deviation(model, tokens, mode: str, dtype: torch.dtype):
+    """Forward and backward of a copy of `model` as a half model (mode 'model') or under autocast (mode 'autocast'):
+    finite gradients required; returns (mean, max) |log p - log p_fp32| over (B, T, V)."""
     reference = log_probs(model, tokens).detach()  # fp32
     model = copy.deepcopy(model)
-    if mode == "bf16_model":
-        model, context = model.to(torch.bfloat16), torch.autocast("cpu", enabled=False)
+    if mode == "model":
+        model, context = model.to(dtype), torch.autocast("cpu", enabled=False)
     else:
-        context = torch.autocast("cpu", dtype=torch.bfloat16)
+        context = torch.autocast("cpu", dtype=dtype)
     with context:
         lprobs = log_probs(model, tokens)  # (B, T, V), fp32 either way
     nll = -lprobs[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).mean()
     nll.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) > len(list(model.parameters())) // 2
-    assert all(torch.isfinite(g).all() for g in grads), f"{mode}: non-finite gradients"
+    assert all(torch.isfinite(g).all() for g in grads), f"{mode} {dtype}: non-finite gradients"
     delta = (lprobs.detach() - reference).abs()
     return delta.mean().item(), delta.max().item()
 
 
-@pytest.mark.parametrize("mode", ["autocast", "bf16_model"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["autocast", "model"])
 @pytest.mark.parametrize("arch,options", FAMILIES, ids=[a for a, _ in FAMILIES])
-def test_bfloat16_training_step_as_close_to_fp32_as_transformer_lm(arch, options, mode):
-    """Forward and backward (training mode, every position of an off-grid batch) under --amp-like autocast and as a
-    bf16 model; log-probabilities against fp32, with transformer_lm of the same size measured alongside."""
+def test_half_precision_training_step_as_close_to_fp32_as_transformer_lm(arch, options, mode, dtype):
+    """Forward and backward (training mode, every position of an off-grid batch) under autocast (--amp) and as a
+    half model (--fp16 / --bf16); log-probabilities against fp32, with transformer_lm of the same size alongside."""
     model, dictionary = build_model(arch, token_layers=2, **options)
     tokens = random_tokens(dictionary, 3, 61, torch.Generator().manual_seed(6))
-    ours = bf16_deviation(model.train(), tokens, mode)
-    yardstick = bf16_deviation(transformer_lm_like(model).train(), tokens, mode)
-    print(f"{arch} {mode}: mean/max |delta log p| ours {ours[0]:.4f}/{ours[1]:.4f}, "
+    ours = half_precision_deviation(model.train(), tokens, mode, dtype)
+    yardstick = half_precision_deviation(transformer_lm_like(model).train(), tokens, mode, dtype)
+    print(f"{arch} {mode} {dtype}: mean/max |delta log p| ours {ours[0]:.4f}/{ours[1]:.4f}, "
           f"transformer_lm {yardstick[0]:.4f}/{yardstick[1]:.4f}")
     for name, ours_value, tlm_value in zip(("mean", "max"), ours, yardstick):
         assert ours_value <= YARDSTICK_FACTOR * tlm_value, (
-            f"{mode}: {name} |delta log p| {ours_value:.4f} is more than {YARDSTICK_FACTOR}x transformer_lm's "
-            f"{tlm_value:.4f}"
+            f"{mode} {dtype}: {name} |delta log p| {ours_value:.4f} is more than {YARDSTICK_FACTOR}x "
+            f"transformer_lm's {tlm_value:.4f}"
         )

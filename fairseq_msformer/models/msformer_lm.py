@@ -48,15 +48,20 @@ class MsformerLanguageModel(FairseqLanguageModel):
 
 def check_sample_length(decoder, task):
     """fairseq-eval-lm, -generate and -interactive set the task up from their own command line, with
-    --tokens-per-sample 1024 unless told (design.md §6): a model with learned positions for fewer tokens stops
-    here with one line, instead of eval-lm silently skipping every sample or a forward pass failing later."""
+    --tokens-per-sample 1024 unless told (design.md §6): a model with learned positions (or a max_target_positions
+    limit) for fewer tokens stops here with one line, instead of eval-lm silently skipping every sample or a forward
+    pass failing later."""
     wanted = safe_getattr(safe_getattr(task, "args", None), "tokens_per_sample", None)
     limit = decoder.max_positions()
     if wanted is not None and wanted > limit:
-        kind = "learned positions" if decoder.learned_positions else "--max-target-positions"
+        if decoder.learned_positions:
+            kind, lift = "learned positions cover", ""
+        else:  # sinusoidal positions would grow: the limit was set at training (or recorded by an older version)
+            kind = "max_target_positions is"
+            lift = ", or lift the limit: --model-overrides \"{'max_target_positions': None}\""
         raise MsformerConfigError(
-            f"--tokens-per-sample: {wanted} tokens per sample, but this model's {kind} cover {limit}; "
-            f"pass --tokens-per-sample {limit} or less (--context-window is taken out of it)"
+            f"--tokens-per-sample: {wanted} tokens per sample, but this model's {kind} {limit}; "
+            f"pass --tokens-per-sample {limit} or less (--context-window is taken out of it){lift}"
         )
 
 

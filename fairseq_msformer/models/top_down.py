@@ -50,7 +50,8 @@ class TopDown(nn.Module):
     def with_context(self, s: int, inputs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Scale s's pooled embeddings (B, N_s, C) combined with the coarser scale's states read at them."""
         if self.concat:
-            return self.combine[s](torch.cat([inputs, context], dim=-1))
+            # the projection starts scale s's residual stream: keep its dtype (fp32 under autocast, see BlockPool)
+            return self.combine[s](torch.cat([inputs, context], dim=-1)).to(inputs.dtype)
         return inputs + context
 
     def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:

@@ -36,7 +36,9 @@ class BlockPool(nn.Module):
         bsz, n, dim = x.shape
         r = self.factor
         if self.pool_type == "linear":
-            return self.proj(x.reshape(bsz, n // r, r * dim))
+            # under autocast (--amp) the projection computes in half precision; the stream it starts keeps x's
+            # dtype, so residual streams stay fp32 there as in fairseq's transformer_lm
+            return self.proj(x.reshape(bsz, n // r, r * dim)).to(x.dtype)
         blocks = x.reshape(bsz, n // r, r, dim)  # (B, N/r, r, C)
         return blocks.mean(2) if self.pool_type == "mean" else blocks.amax(2)
 
