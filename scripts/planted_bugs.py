@@ -36,10 +36,13 @@ class Bug(NamedTuple):
 
 
 BUGS = [
-    Bug("early_ready", "modules/scales.py", "else (j + 1) * k - 1", "else (j + 1) * k - 2",
+    # (shifting every scale's ready positions alike, tokens included, changes nothing: the bugs move blocks only)
+    Bug("early_ready", "modules/scales.py", "else (j + 1) * k - 1", "else (j + 1) * k - 1 - (k > 1)",
         "complete rule: a block is marked ready one token before its last token"),
-    Bug("late_ready", "modules/scales.py", "else (j + 1) * k - 1", "else (j + 1) * k",
+    Bug("late_ready", "modules/scales.py", "else (j + 1) * k - 1", "else (j + 1) * k - 1 + (k > 1)",
         "complete rule: a block is read one token after it completes (no leak, just stale)"),
+    Bug("hourglass_late", "modules/scales.py", "return j * k if self.hourglass", "return j * k + (k > 1) if self.hourglass",
+        "hourglass rule: blocks are read one token later than the shift allows (no leak, just stale)"),
     Bug("newest_block_late", "modules/scales.py", "else (t + 1) // k - 1", "else t // k - 1",
         "incremental decoding: the newest ready block index is one short at block ends"),
     Bug("unshifted_hourglass_pool", "modules/pooling.py", "            x = shift_right(x, self.factor - 1)\n",
@@ -72,6 +75,9 @@ BUGS = [
     Bug("attention_dropout_at_eval", "modules/attention.py",
         "dropout_p=self.attention_dropout if self.training else 0.0", "dropout_p=self.attention_dropout",
         "attention dropout stays on at evaluation (scores change from call to call)"),
+    Bug("retina_dropout_at_eval", "modules/retina_attention.py",
+        "dropout = self.attn.attention_dropout if self.training else 0.0", "dropout = self.attn.attention_dropout",
+        "retina's blockwise attention keeps its dropout at evaluation"),
     Bug("padding_on_the_left", "models/decoder.py", "x = F.pad(x, (0, 0, 0, grid_pad))",
         "x = F.pad(x, (0, 0, grid_pad, 0))", "off-grid inputs are padded on the left: real positions move"),
 ]
@@ -94,14 +100,15 @@ def plant(bug, scratch: str):
 
 
 def run_suite(scratch: str, tests):
-    """pytest -x on the copy; returns (caught, first failing test or None, seconds)."""
+    """pytest -x on the copy; returns (failed, first failing test or pytest's summary line, seconds)."""
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=scratch,
         capture_output=True, text=True,
     )
-    failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return proc.returncode != 0, (failed[0] if failed else None), time.time() - start
+    lines = proc.stdout.splitlines()
+    failed = [line.split(" ")[1] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    return proc.returncode != 0, (failed[0] if failed else lines[-1] if lines else ""), time.time() - start
 
 
 def main():
@@ -124,7 +131,7 @@ def main():
         failed, test, seconds = run_suite(scratch, args.tests)
     if failed:
         raise SystemExit(f"planted_bugs.py: error: the tests fail without any planted bug ({test}): fix that first")
-    print(f"[0/{len(bugs)}] no bug (control): the tests pass in {seconds:.0f} s", flush=True)
+    print(f"[0/{len(bugs)}] no bug (control): {test.strip('= ')}", flush=True)
 
     rows, missed = [], []
     for i, bug in enumerate(bugs, start=1):
@@ -132,9 +139,9 @@ def main():
             plant(bug, scratch)
             caught, test, seconds = run_suite(scratch, args.tests)
         verdict = "caught" if caught else "MISSED"
-        print(f"[{i}/{len(bugs)}] {bug.name}: {verdict} in {seconds:.0f} s{' by ' + test if test else ''}",
-              flush=True)
-        rows.append(f"| `{bug.name}` | {bug.what} | {verdict} | {f'`{test}`' if test else '-'} |")
+        test = test if caught else "-"
+        print(f"[{i}/{len(bugs)}] {bug.name}: {verdict} in {seconds:.0f} s by {test}", flush=True)
+        rows.append(f"| `{bug.name}` | {bug.what} | {verdict} | `{test}` |")
         if not caught:
             missed.append(bug.name)
     print("\n| bug | what | result | first failing test |\n|---|---|---|---|")

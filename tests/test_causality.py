@@ -141,6 +141,19 @@ def test_no_future_leakage_with_dropout(make_model, config):
     assert_no_leak(model.train(), dictionary, length=41)
 
 
+@pytest.mark.parametrize("make_model,config", CASES[::4])
+def test_evaluation_turns_every_dropout_off(make_model, config):
+    """Built with dropout everywhere, a model in eval mode scores exactly as its twin without dropout (same
+    weights), while in training mode it does not: no dropout path ignores the mode."""
+    with_dropout, dictionary = make_model(*config, **DROPOUT)
+    without, _ = make_model(*config)
+    tokens = random_tokens(dictionary, 2, 41, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = log_probs(without, tokens)
+        torch.testing.assert_close(log_probs(with_dropout.eval(), tokens), reference, rtol=0, atol=1e-6)
+        assert not torch.allclose(log_probs(with_dropout.train(), tokens), reference, atol=1e-3)
+
+
 def give_pad_a_nonzero_embedding(model, dictionary):
     """fairseq zeroes the pad row; a real one makes 'padded in the batch' differ from the decoder's own padding."""
     embed = model.decoder.embed_tokens
