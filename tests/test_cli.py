@@ -247,15 +247,32 @@ def test_interactive_continues_a_prompt(trained, corpus):
 # fairseq-eval-lm, -generate and -interactive set the task up from their own command line (design.md §6): without
 # --tokens-per-sample they take 1024, whatever the checkpoint was trained with (64 here).
 
-def test_eval_lm_with_its_default_sample_length(trained, corpus):
+LONG_PROMPT = (  # 82 tokens after Moses tokenization: longer than any training sample
+    "The standard library contains built-in modules , written in C , that provide access to system functionality "
+    "such as file input and output that would otherwise be inaccessible to Python programmers , as well as modules "
+    "written in Python that provide standardized solutions for many problems that occur in everyday programming . "
+    "Some of these modules are explicitly designed to encourage and enhance the portability of Python programs by "
+    "abstracting away platform-specifics into platform-neutral APIs .\n"
+)
+
+
+def test_eval_lm_and_interactive_with_their_default_sample_length(trained, corpus):
     """Models trained on 64-token samples score eval-lm's default 1024-token samples behind a 100-token context
-    window: sinusoidal token and block positions grow on demand, and every token is scored (eval_lm checks the
-    count). fairseq-generate and -interactive run without --tokens-per-sample in the tests above."""
+    window (every token is scored: eval_lm checks the count), and fairseq-interactive continues a prompt longer than
+    any training sample: sinusoidal token and block positions grow on demand. (fairseq-generate runs without
+    --tokens-per-sample in test_sampling_draws_from_the_top_k.)"""
     _, save_dir, _ = trained
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     shard = ["--num-shards", "20", "--shard-id", "0"]  # 3-4 samples of 1024 tokens are enough, and fast
-    perplexity = eval_lm(corpus, os.path.join(save_dir, "checkpoint_last.pt"), *shard, "--context-window", "100",
-                         tokens_per_sample=None)
+    perplexity = eval_lm(corpus, checkpoint, *shard, "--context-window", "100", tokens_per_sample=None)
     assert 1 < perplexity and math.isfinite(perplexity)
+
+    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, "--path", checkpoint, "--tokenizer", "moses",
+                       "--moses-no-escape", "--beam", "1", "--max-len-b", "90", stdin=LONG_PROMPT)
+    tokenized = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
+    assert len(tokenized) == 1, proc.stdout[-2000:]
+    _, score, tokens = tokenized[0]
+    assert len(tokens.split()) >= 82 and math.isfinite(float(score))  # the whole prompt, then the model's tokens
 
 
 LONGER_THAN_TRAINED = [
