@@ -171,6 +171,17 @@ def model_length(model, task, length=None) -> int:
     return length
 
 
+def load_and_sample(opts):
+    """The start both analyses share: the checkpoint and `opts.sequences` samples of `opts.split` at the analysed
+    length -> (model, task, dataset indices, tokens (N, T), next tokens (N, T)); sets opts.length, opts.sequences."""
+    progress(f"loading {opts.checkpoint}")
+    model, task = load_checkpoint(opts.checkpoint, opts.data)
+    opts.length = model_length(model, task, opts.length)
+    indices, tokens, targets = sample_sequences(task, opts.split, opts.sequences, opts.length, opts.seed)
+    opts.sequences = len(tokens)
+    return model, task, indices, tokens, targets
+
+
 def words(dictionary, ids) -> List[str]:
     return [dictionary[int(i)] for i in ids]
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from analysis_common import (
-    add_common_args, block_lengths, finish_common_args, heatmap, load_checkpoint, model_layers, model_length,
-    progress, ready_positions, sample_sequences,
+    add_common_args, block_lengths, finish_common_args, heatmap, load_and_sample, model_layers, progress,
+    ready_positions,
 )
 
 
@@ -328,11 +328,7 @@ def write_outputs(opts, model, results, reference, distance_labels, seconds):
 def main(argv=None):
     opts = parse_args(argv)
     started = time.time()
-    progress(f"loading {opts.checkpoint}")
-    model, task = load_checkpoint(opts.checkpoint, opts.data)
-    opts.length = model_length(model, task, opts.length)
-    _, tokens, _ = sample_sequences(task, opts.split, opts.sequences, opts.length, opts.seed)  # (N, T)
-    opts.sequences = len(tokens)
+    model, _, _, tokens, _ = load_and_sample(opts)  # tokens (N, T)
     edges, labels = distance_edges(opts.length)
     progress(f"attention of {len(model_layers(model))} layers over {len(tokens)} x {opts.length} tokens")
     results = analyze(model, tokens, opts.batch_size, edges)

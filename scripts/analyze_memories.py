@@ -33,8 +33,8 @@ import time
 import torch
 
 from analysis_common import (
-    add_common_args, block_lengths, finish_common_args, load_checkpoint, model_layers, model_length, progress,
-    ready_positions, sample_sequences, vocabulary_scores, words,
+    add_common_args, block_lengths, finish_common_args, load_and_sample, model_layers, progress, ready_positions,
+    vocabulary_scores, words,
 )
 
 
@@ -287,11 +287,7 @@ def write_outputs(opts, dictionary, indices, tokens, results, seconds):
 def main(argv=None):
     opts = parse_args(argv)
     started = time.time()
-    progress(f"loading {opts.checkpoint}")
-    model, task = load_checkpoint(opts.checkpoint, opts.data)
-    opts.length = model_length(model, task, opts.length)
-    indices, tokens, targets = sample_sequences(task, opts.split, opts.sequences, opts.length, opts.seed)  # (N, T)
-    opts.sequences = len(tokens)
+    model, task, indices, tokens, targets = load_and_sample(opts)  # tokens, targets (N, T)
     results = analyze(model, tokens, targets, indices, opts)
     figure = write_outputs(opts, task.source_dictionary, indices, tokens, results, time.time() - started)
     progress(f"written: {os.path.join(opts.out, 'memories.md')}, {figure} ({time.time() - started:.0f} s)")
