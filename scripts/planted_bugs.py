@@ -23,6 +23,7 @@ from typing import NamedTuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "fairseq_msformer"
 # the fast, in-process part of the suite (the CLI tests add minutes and test fairseq's plumbing, not the models)
+SUITE_TIMEOUT = 1800  # seconds: a planted bug that makes the tests hang counts as caught
 DEFAULT_TESTS = ["tests/test_causality.py", "tests/test_influence.py", "tests/test_incremental.py",
                  "tests/test_retina.py", "tests/test_precision.py"]
 
@@ -100,15 +101,18 @@ def plant(bug, scratch: str):
 
 
 def run_suite(scratch: str, tests):
-    """pytest -x on the copy; returns (failed, first failing test or pytest's summary line, seconds)."""
-    start = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=scratch,
-        capture_output=True, text=True,
-    )
+    """pytest -x on the copy; returns (a test failed, the first failing test or pytest's last line, exit code)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=scratch,
+            capture_output=True, text=True, timeout=SUITE_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return True, f"(the tests hung for {SUITE_TIMEOUT} s)", None
     lines = proc.stdout.splitlines()
+    # a failing test (or a module that no longer imports) names itself; a crash without one is not a catch
     failed = [line.split(" ")[1] for line in lines if line.startswith(("FAILED ", "ERROR "))]
-    return proc.returncode != 0, (failed[0] if failed else lines[-1] if lines else ""), time.time() - start
+    return bool(failed), (failed[0] if failed else lines[-1] if lines else ""), proc.returncode
 
 
 def main():
@@ -128,8 +132,8 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="planted-none-") as scratch:  # the control: no bug, the suite passes
         plant(None, scratch)
-        failed, test, seconds = run_suite(scratch, args.tests)
-    if failed:
+        failed, test, exit_code = run_suite(scratch, args.tests)
+    if failed or exit_code != 0:
         raise SystemExit(f"planted_bugs.py: error: the tests fail without any planted bug ({test}): fix that first")
     print(f"[0/{len(bugs)}] no bug (control): {test.strip('= ')}", flush=True)
 
@@ -137,7 +141,9 @@ def main():
     for i, bug in enumerate(bugs, start=1):
         with tempfile.TemporaryDirectory(prefix=f"planted-{bug.name}-") as scratch:
             plant(bug, scratch)
-            caught, test, seconds = run_suite(scratch, args.tests)
+            start = time.time()
+            caught, test, _ = run_suite(scratch, args.tests)
+            seconds = time.time() - start
         verdict = "caught" if caught else "MISSED"
         test = test if caught else "-"
         print(f"[{i}/{len(bugs)}] {bug.name}: {verdict} in {seconds:.0f} s by {test}", flush=True)

@@ -222,6 +222,7 @@ def test_sampling_draws_from_the_top_k(trained, corpus, prompts_bin):
         assert words[:prompt_length] == dictionary.string(prompts[i][:-1]).split(), "the prompt is kept"
         new = slice(prompt_length, min(len(target), 16))  # at the length limit eos is forced, not sampled
         assert (chosen[new] >= kth_best[new] - 1e-5).all(), f"prompt {i}: a token outside the top 5"
+        assert len(scores) == len(target)
         assert max(abs(a - b) for a, b in zip(scores, (chosen / math.log(2)).tolist())) < 1e-3
 
 

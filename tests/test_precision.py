@@ -2,7 +2,7 @@
 mixed-precision paths run it, and stays as close to fp32 as fairseq's own transformer_lm of the same size does.
 
   --fp16 / --memory-efficient-fp16 / --bf16 / --memory-efficient-bf16   weights and buffers in half precision:
-                                          here a half model (no fp32 tensor may be created in forward)
+                                          here a half model (its logits must come out in half precision)
   --amp                                   fp32 weights, matmuls in half precision: here torch.autocast on the CPU
 
 The CPU stands in for the GPU: --fp16, --bf16 and --amp through fairseq-train need CUDA (design.md §6) and are run

@@ -104,16 +104,18 @@ def measured_reads(attn, length):
     return reads
 
 
-@pytest.mark.parametrize("factors,windows,length", [
-    ([2, 2], "6,14,30", 48), ([4, 4], "10,30,-1", 96), ([3, 2], "5,17,-1", 60), ([2, 2, 2], "3,9,25,41", 64),
+@pytest.mark.parametrize("factors,windows,length,blocks_per_scale", [  # blocks: ceil((h_s - h_{s-1}) / K_s), by hand
+    ([2, 2], "6,14,30", 48, [4, 4]), ([4, 4], "10,30,-1", 96, [5, -1]), ([3, 2], "5,17,-1", 60, [4, -1]),
+    ([2, 2, 2], "3,9,25,41", 64, [3, 4, 2]),
 ])
-def test_each_scale_reads_its_configured_horizon_at_its_resolution(factors, windows, length):
+def test_each_scale_reads_its_configured_horizon_at_its_resolution(factors, windows, length, blocks_per_scale):
     """--retina-windows W,h_1,..: the last W tokens one by one, then scale s's blocks back to h_s tokens (at
     least), each position once; the module's real reads (from gradients) equal the reading plan exactly."""
     from fairseq_msformer.models.config import retina_plan
 
     args = argparse.Namespace(retina_windows=windows, token_layers=1)
     ((window, blocks),) = retina_plan(args, factors, length)
+    assert window == int(windows.split(",")[0]) and blocks == blocks_per_scale, "horizons converted wrongly"
     attn = make_attention(factors, window, blocks)
     lengths = attn.grid.block_lengths
     horizons = [int(h) for h in windows.split(",")]
@@ -138,7 +140,7 @@ def test_retina_keys_per_query_do_not_grow_with_length():
 
     assert keys_per_chunk(4096, [8, 16]) == keys_per_chunk(1024, [8, 16])
     grown = keys_per_chunk(4096, [8, -1]) - keys_per_chunk(1024, [8, -1])
-    assert grown <= (4096 - 1024) // 16 + 1  # the unbounded last scale adds T / K_2 keys, nothing else
+    assert grown == (4096 - 1024) // 16  # the unbounded last scale adds T / K_2 keys, nothing else
 
 
 def test_recomputed_gather_gives_the_same_gradients():
