@@ -3,8 +3,6 @@ import argparse
 import os
 import subprocess
 import sys
-from dataclasses import MISSING, fields
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,22 +11,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_msformer")  # the same path the tests import the package from
 CORPUS = os.path.join(REPO, "data-bin", "pydoc")
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 
+import benchmark  # noqa: E402  (builds models as fairseq's CLI does: dataclass defaults, a task's dictionaries)
 import fairseq_msformer  # noqa: E402  (registers the model and the task)
-from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import ARCH_CONFIG_REGISTRY  # noqa: E402
 from fairseq_msformer.models.config import MsformerLMConfig  # noqa: E402
 from fairseq_msformer.models.msformer_lm import MsformerLanguageModel  # noqa: E402
 
 assert os.path.dirname(fairseq_msformer.__file__) == USER_DIR
-
-
-def make_dictionary(num_words: int) -> Dictionary:
-    d = Dictionary()
-    for i in range(num_words):
-        d.add_symbol(f"w{i}")
-    return d
-
 
 TINY_SIZES = dict(decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0)
 
@@ -42,18 +33,11 @@ def build_model(arch="msformer_lm_bottom_up", vocab_words=40, tokens_per_sample=
     torch.manual_seed(seed)
     args = argparse.Namespace(**{**(sizes or {}), **options})
     ARCH_CONFIG_REGISTRY[arch](args)
-    for f in fields(MsformerLMConfig):
-        if not hasattr(args, f.name) or getattr(args, f.name) is None:
-            default = f.default if f.default is not MISSING else None
-            setattr(args, f.name, None if isinstance(default, str) and default.startswith("${") else default)
+    benchmark.fill_dataclass_defaults(args, MsformerLMConfig)
     args.tokens_per_sample = tokens_per_sample
-    dictionary = make_dictionary(vocab_words)
-    task = SimpleNamespace(
-        source_dictionary=dictionary, target_dictionary=dictionary,
-        args=SimpleNamespace(tokens_per_sample=tokens_per_sample),
-    )
+    task = benchmark.fake_task(vocab_words, tokens_per_sample)  # dictionary w0 .. w{vocab_words - 1}
     model = MsformerLanguageModel.build_model(args, task)
-    return model.eval(), dictionary
+    return model.eval(), task.source_dictionary
 
 
 def random_tokens(dictionary, bsz, length, generator=None):
@@ -64,6 +48,25 @@ def random_tokens(dictionary, bsz, length, generator=None):
 def log_probs(model, tokens, **kwargs):
     net_output = model(tokens, **kwargs)
     return model.get_normalized_probs(net_output, log_probs=True)  # (B, T, V), fp32
+
+
+def generated_log_probs(model, dictionary, tokens):
+    """(L, V) log-probabilities of one full forward pass over a generated sequence `tokens` (L,), which ends with
+    eos; the generator starts from eos, so row i scores tokens[i]."""
+    inputs = torch.cat([tokens.new_tensor([dictionary.eos()]), tokens[:-1]]).unsqueeze(0)  # (1, L)
+    with torch.no_grad():
+        return log_probs(model, inputs)[0]
+
+
+def sampled_log_probs(model, dictionary, tokens, k, sampled: slice):
+    """Checks that every token of tokens[sampled] is among the k most likely under a full forward pass (pad, which
+    the generator never emits, excluded) and returns each token's full-pass log-probability (L,)."""
+    lprobs = generated_log_probs(model, dictionary, tokens)  # (L, V)
+    lprobs[:, dictionary.pad()] = float("-inf")
+    kth_best = lprobs.topk(k, dim=-1).values[:, -1]  # (L,)
+    chosen = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (L,)
+    assert (chosen[sampled] >= kth_best[sampled] - 1e-5).all(), f"a token outside the top {k} was sampled"
+    return chosen
 
 
 def fairseq_cli(name, *args, cwd=None, check=True, stdin=None, timeout=600):

@@ -13,7 +13,7 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils, indexed_dataset
 
-from conftest import USER_DIR, build_model, fairseq_cli, log_probs, random_tokens
+from conftest import USER_DIR, build_model, fairseq_cli, log_probs, random_tokens, sampled_log_probs
 
 TASK = ["--user-dir", USER_DIR, "--task", "multiscale_language_modeling", "--cpu"]
 ADAPTIVE = ["--adaptive-input", "--adaptive-input-cutoff", "2000,6000", "--adaptive-softmax-cutoff", "2000,6000",
@@ -103,18 +103,18 @@ def eval_bin(corpus, tmp_path_factory):
     return folder
 
 
-def scored_tokens(data, checkpoint, *flags):
-    """fairseq-eval-lm --output-word-probs on the whole subset: {sample id: [natural-log prob of each target]}."""
-    proc = fairseq_cli(
-        "fairseq-eval-lm", data, *TASK, "--path", checkpoint, "--gen-subset", "test", "--tokens-per-sample", "64",
-        "--max-tokens", "256", "--output-word-probs", "--num-workers", "0", *flags,  # 4 rows a batch, padded
-    )
+def word_scores(data, checkpoint, *flags):
+    """fairseq-eval-lm --output-word-probs: ({sample id: [natural-log prob of each word]}, its log); without BPE a
+    word is a token."""
+    proc = fairseq_cli("fairseq-eval-lm", data, *TASK, "--path", checkpoint, "--output-word-probs", "--num-workers",
+                       "0", *flags)
+    log = proc.stdout + proc.stderr
     scores = {}
-    for line in (proc.stdout + proc.stderr).splitlines():
+    for line in log.splitlines():
         match = re.search(r"fairseq_cli\.eval_lm[:| ]+(\d+) (\S.*\[-?[\d.]+\].*)$", line)
         if match:
             scores[int(match.group(1))] = [float(p) for p in re.findall(r"\[(-?[\d.]+)\]", match.group(2))]
-    return scores
+    return scores, log
 
 
 @pytest.mark.parametrize("context_window", [0, 24])
@@ -125,7 +125,8 @@ def test_eval_lm_scores_every_token_as_one_full_pass(trained, eval_bin, context_
     _, save_dir, _ = trained
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     flags = ["--context-window", context_window] if context_window else []
-    scores = scored_tokens(eval_bin, checkpoint, *flags)
+    scores, _ = word_scores(eval_bin, checkpoint, "--gen-subset", "test", "--tokens-per-sample", "64",
+                            "--max-tokens", "256", *flags)  # 4 rows a batch, padded
     (model,), _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": str(eval_bin)})
     model.eval()
     lines = data_utils.load_indexed_dataset(str(eval_bin / "test"), None)
@@ -145,17 +146,11 @@ def test_eval_lm_scores_every_token_as_one_full_pass(trained, eval_bin, context_
 
 def word_probs(corpus, checkpoint, *flags):
     """fairseq-eval-lm --output-word-probs on 1/20 of valid, one sentence per sample: {sample id: [probs]}."""
-    proc = fairseq_cli(
-        "fairseq-eval-lm", corpus, *TASK, "--path", checkpoint, "--gen-subset", "valid", "--sample-break-mode",
-        "eos", "--tokens-per-sample", "64", "--skip-invalid-size-inputs-valid-test", "--num-shards", "20",
-        "--shard-id", "0", "--output-word-probs", "--num-workers", "0", *flags,
+    scores, log = word_scores(
+        corpus, checkpoint, "--gen-subset", "valid", "--sample-break-mode", "eos", "--tokens-per-sample", "64",
+        "--skip-invalid-size-inputs-valid-test", "--num-shards", "20", "--shard-id", "0", *flags,
     )
-    scores = {}
-    for line in (proc.stdout + proc.stderr).splitlines():
-        match = re.search(r"fairseq_cli\.eval_lm[:| ]+(\d+) (\S.*\[-?[\d.]+\].*)$", line)
-        if match:
-            scores[int(match.group(1))] = [float(p) for p in re.findall(r"\[(-?[\d.]+)\]", match.group(2))]
-    assert len(scores) >= 20, (proc.stdout + proc.stderr)[-2000:]
+    assert len(scores) >= 20, log[-2000:]
     return scores
 
 
@@ -212,16 +207,10 @@ def test_sampling_draws_from_the_top_k(trained, corpus, prompts_bin):
     prompts = data_utils.load_indexed_dataset(str(prompts_bin / "test"), None)
     for i, (words, scores) in sampled.items():
         target = torch.tensor([dictionary.index(w) for w in words] + [dictionary.eos()])
-        inputs = torch.cat([target.new_tensor([dictionary.eos()]), target[:-1]])
-        with torch.no_grad():
-            lprobs = log_probs(model, inputs.unsqueeze(0))[0]  # (L, V)
-        lprobs[:, dictionary.pad()] = float("-inf")  # never generated
-        chosen = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        kth_best = lprobs.topk(5, dim=-1).values[:, -1]
         prompt_length = len(prompts[i]) - 1  # the binarized line ends with eos
         assert words[:prompt_length] == dictionary.string(prompts[i][:-1]).split(), "the prompt is kept"
         new = slice(prompt_length, min(len(target), 16))  # at the length limit eos is forced, not sampled
-        assert (chosen[new] >= kth_best[new] - 1e-5).all(), f"prompt {i}: a token outside the top 5"
+        chosen = sampled_log_probs(model, dictionary, target, 5, new)  # (L,)
         assert len(scores) == len(target)
         assert max(abs(a - b) for a, b in zip(scores, (chosen / math.log(2)).tolist())) < 1e-3
 

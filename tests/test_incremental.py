@@ -7,7 +7,7 @@ from fairseq import search
 from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
-from conftest import build_model, log_probs, random_tokens
+from conftest import build_model, generated_log_probs, log_probs, random_tokens, sampled_log_probs
 
 ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff="10,20", adaptive_softmax_cutoff="10,20",
                 tie_adaptive_weights=True, adaptive_input_factor=2, adaptive_softmax_factor=2)
@@ -82,9 +82,8 @@ def test_beam_search_scores_equal_full_pass(name):
         for row in hypotheses:
             assert len(row) == 4
             for hypo in row:
-                target = hypo["tokens"].unsqueeze(0)  # (1, L), ends with eos
-                inputs = torch.cat([target.new_full((1, 1), dictionary.eos()), target[:, :-1]], dim=1)
-                scores = log_probs(model, inputs).gather(-1, target.unsqueeze(-1)).squeeze(-1)[0]
+                lprobs = generated_log_probs(model, dictionary, hypo["tokens"])  # (L, V)
+                scores = lprobs.gather(-1, hypo["tokens"].unsqueeze(-1)).squeeze(-1)
                 torch.testing.assert_close(hypo["positional_scores"], scores, rtol=0, atol=1e-4)
 
 
@@ -107,14 +106,6 @@ def generate(model, dictionary, prompts, seed=0, **options):
     torch.manual_seed(seed)  # sampling draws from torch's generator
     with torch.no_grad():
         return task.inference_step(generator, [model], sample)
-
-
-def full_pass_scores(model, dictionary, hypothesis):
-    """Log-probabilities (L, V) of one full forward pass over a hypothesis's tokens (eos first, as generated)."""
-    target = hypothesis["tokens"].unsqueeze(0)  # (1, L), ends with eos
-    inputs = torch.cat([target.new_full((1, 1), dictionary.eos()), target[:, :-1]], dim=1)
-    with torch.no_grad():
-        return log_probs(model, inputs)[0]
 
 
 PROMPT_LENGTHS = (3, 13, 8)
@@ -140,7 +131,8 @@ def test_prompts_of_different_lengths_in_one_batch(name, beam):
             assert torch.equal(hypo["tokens"][: len(prompt)], prompt), "the prompt is kept"
             assert torch.equal(hypo["tokens"], hypo_alone["tokens"]), "batching changed the continuation"
             torch.testing.assert_close(hypo["positional_scores"], hypo_alone["positional_scores"], rtol=0, atol=1e-4)
-            scores = full_pass_scores(model, dictionary, hypo).gather(-1, hypo["tokens"].unsqueeze(-1)).squeeze(-1)
+            lprobs = generated_log_probs(model, dictionary, hypo["tokens"])  # (L, V)
+            scores = lprobs.gather(-1, hypo["tokens"].unsqueeze(-1)).squeeze(-1)
             torch.testing.assert_close(hypo["positional_scores"], scores, rtol=0, atol=1e-4)
 
 
@@ -165,13 +157,9 @@ def test_sampled_tokens_lie_in_the_top_k(name):
         hypotheses = generate(model, dictionary, prompts, seed=seed,
                               search_strategy=search.Sampling(dictionary, sampling_topk=k))
         for prompt, (hypo,) in zip(prompts, hypotheses):
-            lprobs = full_pass_scores(model, dictionary, hypo)  # (L, V)
-            lprobs[:, dictionary.pad()] = float("-inf")  # the generator never emits pad
             tokens = hypo["tokens"]
-            kth_best = lprobs.topk(k, dim=-1).values[:, -1]  # (L,)
-            chosen = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (L,)
-            generated = slice(len(prompt), min(len(tokens), MAX_LEN))  # at MAX_LEN eos is forced, not sampled
-            assert (chosen[generated] >= kth_best[generated] - 1e-5).all(), "a token outside the top k was sampled"
+            sampled = slice(len(prompt), min(len(tokens), MAX_LEN))  # at MAX_LEN eos is forced, not sampled
+            chosen = sampled_log_probs(model, dictionary, tokens, k, sampled)  # (L,)
             torch.testing.assert_close(hypo["positional_scores"], chosen, rtol=0, atol=1e-4)
             drawn.append(tokens)
     assert any(not torch.equal(a, b) for a, b in zip(drawn[:3], drawn[3:])), "sampling drew the same every time"
