@@ -21,6 +21,7 @@ from fairseq_msformer.models.msformer_lm import MsformerLanguageModel  # noqa: E
 
 assert os.path.dirname(fairseq_msformer.__file__) == USER_DIR
 
+WIKITEXT103_TYPES = 267_744  # fairseq's WikiText-103 dictionary (specials included), for the _wiki103 presets/configs
 TINY_SIZES = dict(decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0)
 
 

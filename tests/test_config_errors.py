@@ -7,7 +7,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 
-from conftest import USER_DIR, build_model, fairseq_cli, log_probs, random_tokens
+from conftest import USER_DIR, WIKITEXT103_TYPES, build_model, fairseq_cli, log_probs, random_tokens
 from fairseq_msformer import MsformerConfigError
 
 TINY = ["--arch", "msformer_lm_bottom_up_tiny", "--tokens-per-sample", "64"]
@@ -118,19 +118,21 @@ def test_every_check_in_config_has_a_case():
 
 
 # ---------------------------------------------------------------- the large presets, at their own size
-PRESETS = [  # (arch, vocabulary, tokens per sample): WikiText-103's 267,735 words; the shipped corpus's vocabulary
-    ("msformer_lm_bottom_up_wiki103", 267_735, 512), ("msformer_lm_top_down_wiki103", 267_735, 512),
-    ("msformer_lm_retina_wiki103", 267_735, 512),
+PRESETS = [  # (arch, dictionary size, tokens per sample): WikiText-103's; None: the shipped corpus's
+    ("msformer_lm_bottom_up_wiki103", WIKITEXT103_TYPES, 512),
+    ("msformer_lm_top_down_wiki103", WIKITEXT103_TYPES, 512),
+    ("msformer_lm_retina_wiki103", WIKITEXT103_TYPES, 512),
     ("msformer_lm_bottom_up_paper", None, 2048), ("msformer_lm_top_down_paper", None, 2048),
 ]
 
 
-@pytest.mark.parametrize("arch,vocab,tokens_per_sample", PRESETS, ids=[p[0] for p in PRESETS])
-def test_large_preset_builds_and_runs(arch, vocab, tokens_per_sample, corpus):
+@pytest.mark.parametrize("arch,types,tokens_per_sample", PRESETS, ids=[p[0] for p in PRESETS])
+def test_large_preset_builds_and_runs(arch, types, tokens_per_sample, corpus):
     """Each preset is built once at its own width, depth and vocabulary (~0.5-1 GB of fp32 weights; this machine
     has 24 GB) and scores one short input; a full-length forward pass is left to benchmark.py."""
-    vocab = vocab or len(Dictionary.load(os.path.join(corpus, "dict.txt"))) - 4  # minus the 4 special symbols
-    model, dictionary = build_model(arch, vocab_words=vocab, tokens_per_sample=tokens_per_sample, sizes=None)
+    types = types or len(Dictionary.load(os.path.join(corpus, "dict.txt")))
+    # build_model's dictionary holds fairseq's 4 special symbols and vocab_words words
+    model, dictionary = build_model(arch, vocab_words=types - 4, tokens_per_sample=tokens_per_sample, sizes=None)
     params = sum(p.numel() for p in model.parameters())
     assert params > 50e6, f"{arch}: {params / 1e6:.1f}M parameters is not paper scale"
     tokens = random_tokens(dictionary, 1, 2 * model.decoder.grid.grid + 3)  # off the grid

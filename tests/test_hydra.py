@@ -17,14 +17,13 @@ from fairseq.models import ARCH_CONFIG_REGISTRY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CORPUS, REPO, USER_DIR, fairseq_cli
+from conftest import CORPUS, REPO, USER_DIR, WIKITEXT103_TYPES, fairseq_cli
 from fairseq_msformer.models.config import FAMILIES, MsformerLMConfig, check_config
 
 CONFIG_DIR = os.path.join(USER_DIR, "config")
 CONFIGS = sorted(name[: -len(".yaml")] for name in os.listdir(CONFIG_DIR) if name.endswith(".yaml"))
 TINY = [name for name in CONFIGS if name.endswith("_tiny")]
 FROM_TASK = {"max_target_positions", "tokens_per_sample"}  # interpolated from the task, not model options
-WIKITEXT103_TYPES = 267_744  # fairseq's WikiText-103 dictionary, which the large configs' adaptive cutoffs are for
 
 # fairseq stores its schema under the config's name, which hydra >= 1.1 warns about at every compose
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
