@@ -95,7 +95,8 @@ def softmax_attention(attn, query, keys, values, allowed):
 
 def retina_mask(attn, length):
     """Dense (T, sum_s T / K_s) mask of what each query of a RetinaAttention reads, and the keys' scales and ready
-    positions (complete blocks: block j of scale s is ready at (j + 1) K_s - 1), from the same retina_bounds."""
+    positions (the grid's, complete rule: block j of scale s is ready at (j + 1) K_s - 1), from the same
+    retina_bounds."""
     from fairseq_msformer.modules.retina_attention import retina_bounds
 
     lengths = attn.grid.block_lengths
@@ -109,7 +110,7 @@ def retina_mask(attn, length):
         else:  # complete blocks of scale s inside [b_s, b_{s-1})
             allowed.append((bounds[s][:, None] <= j * k) & ((j + 1) * k <= bounds[s - 1][:, None]))
         scales.append(torch.full_like(j, s))
-        ready.append((j + 1) * k - 1)
+        ready.append(attn.grid.ready(s, len(j)))
     return torch.cat(allowed, dim=1), torch.cat(scales), torch.cat(ready)
 
 
