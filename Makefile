@@ -23,14 +23,14 @@ $(VENV)/.installed: requirements.txt setup.py
 	touch $@
 
 demo: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/experiments/demo.sh
 
 test: install
 	$(PY) -m pytest tests -q
 
-# the paper's trade-off in miniature (scripts/reproduce.py; resumable, about an hour on a 2-core CPU)
+# the paper's trade-off in miniature (scripts/experiments/reproduce.py; resumable, about an hour on a 2-core CPU)
 reproduce: install
-	$(PY) scripts/reproduce.py --suite main
+	$(PY) scripts/experiments/reproduce.py --suite main
 
 clean:
 	rm -rf $(VENV) checkpoints/demo

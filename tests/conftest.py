@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_msformer")  # the same path the tests import the package from
 CORPUS = os.path.join(REPO, "data-bin", "pydoc")
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "scripts", "experiments"))
 
 import benchmark  # noqa: E402  (builds models as fairseq's CLI does: dataclass defaults, a task's dictionaries)
 import fairseq_msformer  # noqa: E402  (registers the model and the task)
@@ -86,5 +86,5 @@ def fairseq_cli(name, *args, cwd=None, check=True, stdin=None, timeout=600):
 @pytest.fixture(scope="session")
 def corpus():
     if not os.path.exists(os.path.join(CORPUS, "dict.txt")):
-        pytest.fail(f"the shipped corpus is missing: {CORPUS} (rebuild with scripts/prepare_pydoc.sh)")
+        pytest.fail(f"the shipped corpus is missing: {CORPUS} (rebuild with scripts/data/prepare_pydoc.sh)")
     return CORPUS

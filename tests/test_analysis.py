@@ -1,4 +1,4 @@
-"""scripts/analyze_attention.py and scripts/analyze_memories.py on tiny checkpoints trained by fairseq-train: the
+"""scripts/analysis/analyze_attention.py and scripts/analysis/analyze_memories.py on tiny checkpoints trained by fairseq-train: the
 numbers they report are consistent with the models (recomputed here independently where possible)."""
 import json
 import os
@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, USER_DIR
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "scripts", "analysis"))
 import analysis_common  # noqa: E402
 import analyze_attention  # noqa: E402
 import analyze_memories  # noqa: E402

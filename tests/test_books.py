@@ -1,4 +1,4 @@
-"""scripts/prepare_books.sh (with scripts/books_to_text.py) on a few tiny fake books.
+"""scripts/data/prepare_books.sh (with scripts/data/books_to_text.py) on a few tiny fake books.
 
 - a folder of books is split by book, tokenized with sacremoses and binarized, deterministically;
 - a rerun tokenizes only the books not done yet, and the optional GPT-2 BPE goes through fairseq's own encoder
@@ -15,7 +15,7 @@ from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode, get_encoder
 
 from test_data_scripts import load_script_module, load_split, run_script
 
-btt = load_script_module("books_to_text")
+btt = load_script_module("data/books_to_text")
 
 BOOK = """Chapter {i}
 
@@ -37,7 +37,7 @@ def write_books(root, books=BOOKS):
 
 
 def prepare(books_dir, workdir, destdir, **env):
-    return run_script("prepare_books.sh", books_dir, BOOKS_WORKDIR=workdir, DESTDIR=destdir, WORKERS=1, **env)
+    return run_script("data/prepare_books.sh", books_dir, BOOKS_WORKDIR=workdir, DESTDIR=destdir, WORKERS=1, **env)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """Tests of the shipped corpus (data-bin/pydoc) and of the data-preparation scripts.
 
 - the shipped corpus loads with fairseq and has the expected size and vocabulary;
-- scripts/prepare_wikitext103.sh binarizes a small fake WikiText-103 tree;
-- scripts/prepare_pydoc.sh runs end to end on a tiny fake python3.11-doc .deb;
-- the reST cleaner of scripts/pydoc_to_text.py on small inline snippets.
+- scripts/data/prepare_wikitext103.sh binarizes a small fake WikiText-103 tree;
+- scripts/data/prepare_pydoc.sh runs end to end on a tiny fake python3.11-doc .deb;
+- the reST cleaner of scripts/data/pydoc_to_text.py on small inline snippets.
 
 The scripts run in the current interpreter's environment: its bin directory is put
 first on PATH, so that `fairseq-preprocess` and `python` resolve to this virtualenv.
-The full pydoc corpus is never rebuilt here (see scripts/prepare_pydoc.sh).
+The full pydoc corpus is never rebuilt here (see scripts/data/prepare_pydoc.sh).
 """
 import importlib.util
 import os
@@ -25,8 +25,8 @@ PYDOC = os.path.join(REPO, "data-bin", "pydoc")
 
 
 def load_script_module(name):
-    """Imports scripts/<name>.py (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    """Imports scripts/<room>/<name>.py, e.g. "data/pydoc_to_text" (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(name), os.path.join(SCRIPTS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # no __pycache__ in scripts/
     try:
@@ -36,7 +36,7 @@ def load_script_module(name):
     return module
 
 
-ptt = load_script_module("pydoc_to_text")
+ptt = load_script_module("data/pydoc_to_text")
 
 
 def script_env(**extra):
@@ -95,13 +95,13 @@ def test_shipped_pydoc_corpus_loads():
 
 def test_shipped_pydoc_has_readme_and_licence():
     readme = open(os.path.join(PYDOC, "README.md"), encoding="utf-8").read()
-    assert "python3.11-doc" in readme and "PSF" in readme and "scripts/prepare_pydoc.sh" in readme
+    assert "python3.11-doc" in readme and "PSF" in readme and "scripts/data/prepare_pydoc.sh" in readme
     assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in open(os.path.join(PYDOC, "COPYRIGHT")).read()
     assert not os.path.exists(os.path.join(PYDOC, "preprocess.log"))
 
 
 # --------------------------------------------------------------------------- #
-# (b) scripts/prepare_wikitext103.sh on a fake WikiText-103 tree
+# (b) scripts/data/prepare_wikitext103.sh on a fake WikiText-103 tree
 # --------------------------------------------------------------------------- #
 
 FAKE_WIKI = {
@@ -151,35 +151,35 @@ def check_binarized(destdir, splits=FAKE_WIKI):
 def test_prepare_wikitext103_existing_download(fake_wikitext, tmp_path):
     # DOWNLOAD_DIR already holds wikitext-103/: no download, straight to fairseq-preprocess.
     dest = tmp_path / "data-bin" / "wikitext-103"
-    r = run_script("prepare_wikitext103.sh", DOWNLOAD_DIR=fake_wikitext, DESTDIR=dest, WORKERS=1)
+    r = run_script("data/prepare_wikitext103.sh", DOWNLOAD_DIR=fake_wikitext, DESTDIR=dest, WORKERS=1)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "skipping download" in r.stdout
     check_binarized(dest)
 
     # A second run refuses to overwrite the dictionary unless FORCE=1.
-    r = run_script("prepare_wikitext103.sh", DOWNLOAD_DIR=fake_wikitext, DESTDIR=dest, WORKERS=1)
+    r = run_script("data/prepare_wikitext103.sh", DOWNLOAD_DIR=fake_wikitext, DESTDIR=dest, WORKERS=1)
     assert r.returncode != 0 and "FORCE=1" in r.stderr
 
 
 def test_prepare_wikitext103_explicit_dir_and_errors(fake_wikitext, tmp_path):
     dest = tmp_path / "out"
     # The directory with the .tokens files given as an argument (its parent works too).
-    r = run_script("prepare_wikitext103.sh", fake_wikitext / "wikitext-103", DESTDIR=dest, WORKERS=1)
+    r = run_script("data/prepare_wikitext103.sh", fake_wikitext / "wikitext-103", DESTDIR=dest, WORKERS=1)
     assert r.returncode == 0, r.stdout + r.stderr
     check_binarized(dest)
 
     # Clear errors for a missing directory or missing files, before any work is done.
-    r = run_script("prepare_wikitext103.sh", tmp_path / "nope", DESTDIR=tmp_path / "x")
+    r = run_script("data/prepare_wikitext103.sh", tmp_path / "nope", DESTDIR=tmp_path / "x")
     assert r.returncode != 0 and "is not a directory" in r.stderr
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "wiki.train.tokens").write_text("a b\n")
-    r = run_script("prepare_wikitext103.sh", WIKITEXT_DIR=tmp_path / "partial", DESTDIR=tmp_path / "x")
+    r = run_script("data/prepare_wikitext103.sh", WIKITEXT_DIR=tmp_path / "partial", DESTDIR=tmp_path / "x")
     assert r.returncode != 0 and "wiki.valid.tokens" in r.stderr
     assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------- #
-# scripts/prepare_pydoc.sh end to end, on a tiny fake python3.11-doc package
+# scripts/data/prepare_pydoc.sh end to end, on a tiny fake python3.11-doc package
 # --------------------------------------------------------------------------- #
 
 FAKE_DOC = """\
@@ -219,7 +219,7 @@ def test_prepare_pydoc_on_fake_package(tmp_path):
 
     dest = tmp_path / "data-bin" / "pydoc"
     work = tmp_path / "work"
-    r = run_script("prepare_pydoc.sh", deb, DESTDIR=dest, PYDOC_WORKDIR=work, WORKERS=1)
+    r = run_script("data/prepare_pydoc.sh", deb, DESTDIR=dest, PYDOC_WORKDIR=work, WORKERS=1)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "built from 3.11.2-6+deb12u8" in r.stderr        # the version mismatch is reported
 

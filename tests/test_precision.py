@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, build_model, log_probs, random_tokens
 from fairseq_msformer.modules import MultiScaleAttention, TransformerBlock
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "scripts", "experiments"))
 import benchmark  # noqa: E402  (builds fairseq's transformer_lm the way the benchmarks compare against it)
 
 FAMILIES = [

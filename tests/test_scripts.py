@@ -18,7 +18,7 @@ def run(script, *args, timeout=600):
 
 
 def test_benchmark_side_by_side(tmp_path):
-    out = run("benchmark.py", "--models", "transformer_lm", "bottom_up", "--modes", "train", "generate",
+    out = run("experiments/benchmark.py", "--models", "transformer_lm", "bottom_up", "--modes", "train", "generate",
               "--lengths", "64", "--retina-lengths", "--generate-lengths", "16", "--dim", "32", "--ffn", "64",
               "--heads", "2", "--layers", "2", "--vocab", "100", "--repeats", "1", "--generate-steps", "2",
               "--target-length", "64", "--out", tmp_path)
@@ -37,7 +37,7 @@ def test_benchmark_side_by_side(tmp_path):
 
 def test_reproduce_quick_is_resumable(tmp_path):
     out_dir, save_root = tmp_path / "out", tmp_path / "ckpt"
-    run("reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
+    run("experiments/reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
     results = json.load(open(out_dir / "results.json"))
     assert set(results) == {"transformer_lm", "bottom_up"}
     for r in results.values():
@@ -48,17 +48,17 @@ def test_reproduce_quick_is_resumable(tmp_path):
         assert r["train_seconds"] > 0 and r["train_tokens_per_s"] > 0
     for name in ("results.md", "learning_curves.png", "perplexity_vs_memory.png"):
         assert os.path.getsize(out_dir / name) > 0
-    again = run("reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
+    again = run("experiments/reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
     assert again.count("done earlier") == 2 and "[1/2]" not in again  # nothing trained again
 
 
 def test_planted_bugs_still_apply():
-    """scripts/planted_bugs.py plants each bug by replacing an exact text once: the package must still hold each
+    """scripts/checks/planted_bugs.py plants each bug by replacing an exact text once: the package must still hold each
     text exactly once, or the script (run by hand, ~10 min) would stop instead of showing the suite catch it."""
     from test_data_scripts import load_script_module
 
-    planted = load_script_module("planted_bugs")
+    planted = load_script_module("checks/planted_bugs")
     assert len(planted.BUGS) >= 15
     for bug in planted.BUGS:
         source = open(os.path.join(REPO, planted.PACKAGE, bug.path)).read()
-        assert source.count(bug.old) == 1, f"{bug.name}: update its text in scripts/planted_bugs.py"
+        assert source.count(bug.old) == 1, f"{bug.name}: update its text in scripts/checks/planted_bugs.py"

@@ -179,7 +179,7 @@ def _paper(args):
     """Paper-scale models (30 layers, most at coarse scales) at the width of a mid-sized LM.
 
     The layouts were chosen by the bytes they save for backward against a 14-layer transformer_lm at T = 2048
-    (README): at most 0.70x; scripts/benchmark.py measures 0.64x / 0.63x and 2.28x / 2.34x its training speed.
+    (README): at most 0.70x; scripts/experiments/benchmark.py measures 0.64x / 0.63x and 2.28x / 2.34x its training speed.
     """
     _defaults(
         args, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8, dropout=0.1,

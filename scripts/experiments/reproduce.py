@@ -14,10 +14,10 @@ Resumable: a model whose runs/<model>.json has the same settings is skipped; an 
 from its checkpoint_last.pt (fairseq's own resume), and the learning curve keeps the entries of the updates that
 survived. Models run one after another, each with --threads threads.
 
-  python scripts/reproduce.py                     # suite "main" (make reproduce), about an hour on a 2-core CPU
-  python scripts/reproduce.py --suite ablation    # the bottom-up design ablation, ~50 minutes
-  python scripts/reproduce.py --quick --out /tmp/q   # a few updates of tiny models (the tests)
-  python scripts/reproduce.py --only transformer_lm bottom_up   # a subset (the others' results stay)
+  python scripts/experiments/reproduce.py                     # suite "main" (make reproduce), about an hour on a 2-core CPU
+  python scripts/experiments/reproduce.py --suite ablation    # the bottom-up design ablation, ~50 minutes
+  python scripts/experiments/reproduce.py --quick --out /tmp/q   # a few updates of tiny models (the tests)
+  python scripts/experiments/reproduce.py --only transformer_lm bottom_up   # a subset (the others' results stay)
 """
 import argparse
 import json
@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE = "transformer_lm"
 
 # ---------------------------------------------------------------- the experiment

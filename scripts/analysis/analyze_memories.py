@@ -23,7 +23,7 @@ Keys that never activate in the sample (dead ReLU units) are counted and left ou
 
 Writes memories.md (the table and sampled keys with their triggers and values), memories.json and memories.png.
 
-  python scripts/analyze_memories.py checkpoints/reproduce/main/bottom_up/checkpoint_best.pt data-bin/pydoc
+  python scripts/analysis/analyze_memories.py checkpoints/reproduce/main/bottom_up/checkpoint_best.pt data-bin/pydoc
 """
 import argparse
 import json
@@ -257,7 +257,7 @@ def write_outputs(opts, dictionary, indices, tokens, results, seconds):
     lines = [f"# FFN key-value memories: {opts.name}", "",
              f"`{os.path.relpath(opts.checkpoint)}`; {opts.sequences} sequences of {opts.length} tokens of {opts.split} "
              f"(seed {opts.seed}); top {opts.top_k} triggers per key; values read through the output embedding "
-             f"(`scripts/analyze_memories.py --help` says how). Layers in forward order; `/K` = a layer running on "
+             f"(`scripts/analysis/analyze_memories.py --help` says how). Layers in forward order; `/K` = a layer running on "
              f"K-token blocks, whose triggers are blocks (the prefix up to the block's ready position). "
              f"{seconds:.0f} s.", "", "![memories](memories.png)", "",
              f"| layer | live keys | agreement (top trigger) | baseline | next token in value's top {opts.value_tokens} "

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Tokenize a folder of plain-text books with sacremoses and split it by book into train/valid/test.
 
-The text step of ``scripts/prepare_books.sh``; it can also be run on its own::
+The text step of ``scripts/data/prepare_books.sh``; it can also be run on its own::
 
-    python scripts/books_to_text.py BOOKS_DIR OUT_DIR [--valid-fraction 0.01] [--test-fraction 0.01]
+    python scripts/data/books_to_text.py BOOKS_DIR OUT_DIR [--valid-fraction 0.01] [--test-fraction 0.01]
 
 BOOKS_DIR holds one text file per book (``*.txt``, in any sub-folders: BookCorpus's ``books1/epubtxt/`` works
 as it is). Step by step:

@@ -1,4 +1,4 @@
-"""What scripts/analyze_memories.py and scripts/analyze_attention.py share: loading a checkpoint (msformer_lm or
+"""What scripts/analysis/analyze_memories.py and scripts/analysis/analyze_attention.py share: loading a checkpoint (msformer_lm or
 fairseq's transformer_lm) the way fairseq does, listing its layers scale by scale, sampling token sequences from a
 split, projecting vectors onto the vocabulary through the output embedding, and drawing heatmaps.
 
@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 

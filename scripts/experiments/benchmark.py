@@ -20,9 +20,9 @@ For each model and sample length T (retina also at --retina-lengths), one fresh 
 Writes benchmark.json, benchmark.md and two PNGs (memory and speed against T) to --out, and checks the targets for
 the paper presets at --target-length: at most 0.70x transformer_lm's saved MiB and at least 2x its train tok/s.
 
-  python scripts/benchmark.py                       # width 256, L = 14, T = 512 .. 4096 (retina to 8192), CPU
-  python scripts/benchmark.py --device cuda --dtype bfloat16 --out docs/benchmark-gpu
-  python scripts/benchmark.py --lengths 512 --modes train --models transformer_lm bottom_up   # a quick look
+  python scripts/experiments/benchmark.py                       # width 256, L = 14, T = 512 .. 4096 (retina to 8192), CPU
+  python scripts/experiments/benchmark.py --device cuda --dtype bfloat16 --out docs/benchmark-gpu
+  python scripts/experiments/benchmark.py --lengths 512 --modes train --models transformer_lm bottom_up   # a quick look
 """
 import argparse
 import json
@@ -35,7 +35,7 @@ import time
 from dataclasses import MISSING, fields
 from types import SimpleNamespace
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 MIB = 2.0**20
 BASELINE = "transformer_lm"

@@ -9,7 +9,7 @@
 #       --destdir data-bin/wikitext-103 --workers N
 #
 # Usage:
-#   scripts/prepare_wikitext103.sh [WIKITEXT_DIR]
+#   scripts/data/prepare_wikitext103.sh [WIKITEXT_DIR]
 #
 # Environment (all optional):
 #   WIKITEXT_DIR   a directory that already holds wiki.{train,valid,test}.tokens
@@ -34,7 +34,7 @@ SPLITS=(train valid test)
 
 die() { echo "prepare_wikitext103.sh: error: $*" >&2; exit 1; }
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WIKITEXT_DIR="${1:-${WIKITEXT_DIR:-}}"
 DOWNLOAD_DIR="${DOWNLOAD_DIR:-$REPO_ROOT/data}"
 DESTDIR="${DESTDIR:-$REPO_ROOT/data-bin/wikitext-103}"

@@ -3,7 +3,7 @@
 # validation and test perplexity with fairseq-eval-lm, and sample a continuation with fairseq-interactive.
 # Re-running resumes from checkpoints/demo/checkpoint_last.pt (fairseq's own resume).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 DATA=data-bin/pydoc
 SAVE_DIR=${SAVE_DIR:-checkpoints/demo}

@@ -5,7 +5,7 @@
 # packaged by Debian in python3.11-doc (PSF License Version 2).
 #
 # Usage:
-#   scripts/prepare_pydoc.sh [PATH/TO/python3.11-doc_*.deb]
+#   scripts/data/prepare_pydoc.sh [PATH/TO/python3.11-doc_*.deb]
 #
 # Environment (all optional):
 #   PYDOC_DEB      an already downloaded python3.11-doc .deb (same as the argument);
@@ -18,12 +18,12 @@
 #                  directory; by default a temporary directory is used and removed
 #
 # Steps: download/extract the package -> clean + tokenize + split + cap the
-# vocabulary (scripts/pydoc_to_text.py) -> fairseq-preprocess --only-source.
+# vocabulary (scripts/data/pydoc_to_text.py) -> fairseq-preprocess --only-source.
 set -euo pipefail
 
 die() { echo "prepare_pydoc.sh: error: $*" >&2; exit 1; }
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEB="${1:-${PYDOC_DEB:-}}"
 DESTDIR="${DESTDIR:-$REPO_ROOT/data-bin/pydoc}"
 WORKERS="${WORKERS:-2}"
@@ -84,7 +84,7 @@ echo "Cleaning and tokenizing the documentation sources (python3.11-doc $VERSION
 TEXT="$WORKDIR/text"
 rm -rf "$TEXT"
 mkdir -p "$TEXT"
-"$PYTHON" "$REPO_ROOT/scripts/pydoc_to_text.py" "$SOURCES" "$TEXT" \
+"$PYTHON" "$REPO_ROOT/scripts/data/pydoc_to_text.py" "$SOURCES" "$TEXT" \
     --workers "$WORKERS" --stats "$TEXT/stats.json" | tee "$TEXT/summary.txt"
 
 # 4. Binarize for fairseq.
@@ -132,7 +132,7 @@ shipped so that the project can train and evaluate real language models without 
 
 ## How it was built
 
-`scripts/prepare_pydoc.sh` (with `scripts/pydoc_to_text.py`) rebuilds this directory from scratch
+`scripts/data/prepare_pydoc.sh` (with `scripts/data/pydoc_to_text.py`) rebuilds this directory from scratch
 and deterministically:
 
 1. `apt-get download python3.11-doc`, `dpkg -x`.

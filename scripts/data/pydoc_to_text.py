@@ -2,9 +2,9 @@
 """Turn the Python documentation's reStructuredText sources into a WikiText-style
 language-modelling corpus.
 
-Used by ``scripts/prepare_pydoc.sh``; it can also be run on its own::
+Used by ``scripts/data/prepare_pydoc.sh``; it can also be run on its own::
 
-    python scripts/pydoc_to_text.py SOURCES_DIR OUT_DIR
+    python scripts/data/pydoc_to_text.py SOURCES_DIR OUT_DIR
 
 where SOURCES_DIR is ``usr/share/doc/python3.11/html/_sources`` of an extracted
 Debian ``python3.11-doc`` package. It writes ``pydoc.{train,valid,test}.tokens``

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Binarizes a BookCorpus-style collection of raw books for fairseq:
-#   a folder of plain-text books -> split by book, sacremoses tokenization (scripts/books_to_text.py)
+#   a folder of plain-text books -> split by book, sacremoses tokenization (scripts/data/books_to_text.py)
 #   -> optional GPT-2 BPE with fairseq's own encoder -> fairseq-preprocess --only-source.
 #
 # Usage:
-#   scripts/prepare_books.sh BOOKS_DIR
+#   scripts/data/prepare_books.sh BOOKS_DIR
 #
 # BOOKS_DIR holds one text file per book (*.txt, in any sub-folders; BookCorpus's books1/epubtxt/ works as
 # it is). The split is by book and deterministic (SHA-1 order of the books' paths, see books_to_text.py).
@@ -36,7 +36,7 @@ SPLITS=(train valid test)
 
 die() { echo "prepare_books.sh: error: $*" >&2; exit 1; }
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BOOKS_DIR="${1:-}"
 DESTDIR="${DESTDIR:-$REPO_ROOT/data-bin/books}"
 WORKDIR="${BOOKS_WORKDIR:-$REPO_ROOT/data/books}"
@@ -44,7 +44,7 @@ WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 PYTHON="${PYTHON:-python}"
 
 # Everything that can be wrong with the input is checked before any work is done.
-[[ -n "$BOOKS_DIR" ]] || die "usage: scripts/prepare_books.sh BOOKS_DIR (a folder of plain-text books)"
+[[ -n "$BOOKS_DIR" ]] || die "usage: scripts/data/prepare_books.sh BOOKS_DIR (a folder of plain-text books)"
 [[ -d "$BOOKS_DIR" ]] || die "BOOKS_DIR '$BOOKS_DIR' is not a directory"
 command -v "$PYTHON" >/dev/null || die "'$PYTHON' not found; set PYTHON to an interpreter with sacremoses"
 "$PYTHON" -c "import sacremoses" 2>/dev/null \
@@ -67,7 +67,7 @@ TEXT_OPTIONS=(--valid-fraction "${VALID_FRACTION:-0.01}" --test-fraction "${TEST
               --encoding "${ENCODING:-utf-8}" --encoding-errors "${ENCODING_ERRORS:-strict}" --workers "$WORKERS")
 [[ "${WRAPPED:-0}" == 1 ]] && TEXT_OPTIONS+=(--wrapped)
 echo "Tokenizing the books in $BOOKS_DIR (work directory $WORKDIR) ..."
-"$PYTHON" "$REPO_ROOT/scripts/books_to_text.py" "$BOOKS_DIR" "$WORKDIR" "${TEXT_OPTIONS[@]}" || exit 1
+"$PYTHON" "$REPO_ROOT/scripts/data/books_to_text.py" "$BOOKS_DIR" "$WORKDIR" "${TEXT_OPTIONS[@]}" || exit 1
 SUFFIX=tokens
 
 # 2. Optional GPT-2 BPE, with fairseq's own encoder; a split is encoded again only if its text changed.

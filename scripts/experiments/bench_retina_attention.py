@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark one retina attention layer against dense causal self-attention (scripts/benchmark.py measures whole
+"""Benchmark one retina attention layer against dense causal self-attention (scripts/experiments/benchmark.py measures whole
 models; this is its layer-level companion and shares its measuring code).
 
 At each sample length T, self-attention of the same width runs forward + backward in four ways:
@@ -20,8 +20,8 @@ most x2.2 per doubling of T (--max-growth), and it is >= 2x faster than sdpa-cau
 --threads defaults to 1: the machine is small and shared, and with 2 threads every op waits for its slower
 thread behind other processes' load, which makes small ops (retina has many) erratic.
 
-  python scripts/bench_retina_attention.py
-  python scripts/bench_retina_attention.py --profile 4096   # plus torch.profiler op tables of both retinas
+  python scripts/experiments/bench_retina_attention.py
+  python scripts/experiments/bench_retina_attention.py --profile 4096   # plus torch.profiler op tables of both retinas
 """
 import argparse
 import os
@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from fairseq.modules import MultiheadAttention  # noqa: E402
 

@@ -19,7 +19,7 @@ transformer_lm's weights come from fairseq's own MultiheadAttention (need_head_w
 
 Writes attention.md, attention.json and attention.png (heatmaps) to --out.
 
-  python scripts/analyze_attention.py checkpoints/reproduce/main/bottom_up/checkpoint_best.pt data-bin/pydoc
+  python scripts/analysis/analyze_attention.py checkpoints/reproduce/main/bottom_up/checkpoint_best.pt data-bin/pydoc
 """
 import argparse
 import json

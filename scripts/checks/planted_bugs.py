@@ -7,9 +7,9 @@ short... For each, the repository's tests and package are copied to a scratch fo
 (the checkout is never touched), and the in-process tests run with `pytest -x`; the bug counts as caught when they
 fail. A bug the suite does not catch is a hole in the suite: the script exits 1.
 
-    python scripts/planted_bugs.py                    # every bug (about 10 minutes on 2 cores)
-    python scripts/planted_bugs.py --only late_ready  # some of them
-    python scripts/planted_bugs.py --list
+    python scripts/checks/planted_bugs.py                    # every bug (about 10 minutes on 2 cores)
+    python scripts/checks/planted_bugs.py --only late_ready  # some of them
+    python scripts/checks/planted_bugs.py --list
 """
 import argparse
 import os
@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import NamedTuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = "fairseq_msformer"
 # the fast, in-process part of the suite (the CLI tests add minutes and test fairseq's plumbing, not the models)
 SUITE_TIMEOUT = 1800  # seconds: a planted bug that makes the tests hang counts as caught
