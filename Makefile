@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FAIRSEQ_BUILD ?= ve-fairseq==0.12.3
 
-.PHONY: install demo test reproduce clean
+.PHONY: install peers demo test reproduce clean
 
 install: $(VENV)/.installed
 
@@ -22,10 +22,18 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PY) -c "import fairseq, torch, numpy; print('fairseq', fairseq.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__)"
 	touch $@
 
+# the outside implementations run beside ours (scripts/peers); the venv's torch and numpy are pinned so none moves
+peers: $(VENV)/.peers-installed
+
+$(VENV)/.peers-installed: $(VENV)/.installed requirements-peers.txt
+	$(PY) -c "import torch, numpy; print(f'torch=={torch.__version__}\nnumpy=={numpy.__version__}')" > $(VENV)/peers-constraints.txt
+	$(PY) -m pip install -q -r requirements-peers.txt -c $(VENV)/peers-constraints.txt
+	touch $@
+
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/experiments/demo.sh
 
-test: install
+test: install peers
 	$(PY) -m pytest tests -q
 
 # the paper's trade-off in miniature (scripts/experiments/reproduce.py; resumable, about an hour on a 2-core CPU)

@@ -27,23 +27,28 @@ class MsformerLanguageModel(FairseqLanguageModel):
         dictionary = task.source_dictionary
         plan = check_config(args, len(dictionary), tokens_per_sample)
 
-        if args.adaptive_input:
-            embed_tokens = AdaptiveInput(
-                len(dictionary),
-                dictionary.pad(),
-                args.decoder_embed_dim,
-                args.adaptive_input_factor,
-                args.decoder_embed_dim,
-                eval_str_list(args.adaptive_input_cutoff, type=int),
-                0,  # quant-noise
-                8,
-            )
-        else:
-            embed_tokens = Embedding(len(dictionary), args.decoder_embed_dim, dictionary.pad())
+        embed_tokens = build_embed_tokens(args, dictionary)
         decoder = MsformerDecoder(args, task.target_dictionary, embed_tokens, plan)
         check_sample_length(decoder, task)
         logger.info(describe_scales(args, decoder.grid, plan, tokens_per_sample))
         return cls(decoder)
+
+
+def build_embed_tokens(args, dictionary):
+    """fairseq's AdaptiveInput (--adaptive-input) or a plain Embedding, of width --decoder-embed-dim (also used by the
+    outside implementations run through fairseq in scripts/peers, so that only their trunks differ)."""
+    if args.adaptive_input:
+        return AdaptiveInput(
+            len(dictionary),
+            dictionary.pad(),
+            args.decoder_embed_dim,
+            args.adaptive_input_factor,
+            args.decoder_embed_dim,
+            eval_str_list(args.adaptive_input_cutoff, type=int),
+            0,  # quant-noise
+            8,
+        )
+    return Embedding(len(dictionary), args.decoder_embed_dim, dictionary.pad())
 
 
 def check_sample_length(decoder, task):

@@ -1,0 +1,51 @@
+"""x-transformers: a second, modern vanilla decoder (the peer of fairseq's transformer_lm).
+
+x_transformers.Decoder (its attention layers only; ours embed and project): pre-norm blocks with SDPA attention,
+rotary positions by default, GELU FFN, and the package's key/value cache for incremental decoding. Its final norm is
+off: our decoder's LayerNorm ends the trunk, as in every model here.
+"""
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+from x_transformers import Decoder
+from x_transformers.autoregressive_wrapper import modify_cached_kv
+
+from .common import PeerLMConfig, ffn_multiple, head_dim, option_error, register_peer
+
+
+@dataclass
+class XTransformersLMConfig(PeerLMConfig):
+    xt_layers: int = field(default=4, metadata={"help": "layers"})
+    xt_rotary: bool = field(default=True, metadata={"help": "rotary positions in attention (the package's "
+                                                           "recommended setting; ours add sinusoidal ones as well)"})
+
+
+class XTransformersTrunk(nn.Module):
+    has_cache = True
+
+    def __init__(self, args):
+        super().__init__()
+        if args.xt_layers < 1:
+            raise option_error("xt_layers", "at least one layer")
+        self.trunk = Decoder(
+            dim=args.decoder_embed_dim, depth=args.xt_layers, heads=args.decoder_attention_heads,
+            attn_dim_head=head_dim(args), ff_mult=ffn_multiple(args), attn_dropout=args.attention_dropout,
+            ff_dropout=args.dropout, rotary_pos_emb=args.xt_rotary, pre_norm_has_final_norm=False)
+        self.layers = args.xt_layers
+        self.layout = f"{args.xt_layers} layers" + (", rotary" if args.xt_rotary else "")
+
+    def forward(self, x, inner_states):
+        return self.trunk(x)  # (B, T, C)
+
+    def step(self, x, t, cache):
+        """The package's cache: keys/values of every earlier position (LayerIntermediates), the newest in x."""
+        out, cache["xt"] = self.trunk(x, cache=cache.get("xt"), return_hiddens=True)
+        return out[:, -1:]
+
+    @staticmethod
+    def reorder_cache(value, new_order):
+        modify_cached_kv(value, lambda t: t.index_select(0, new_order))
+        return value
+
+
+register_peer("peer_xtransformers", "vanilla", "x-transformers", XTransformersLMConfig, XTransformersTrunk)
