@@ -79,6 +79,12 @@ def substituted(argv, paths, replace=None, drop=(), extra=()):
     return argv + list(extra)
 
 
+def cli_output(argv, stdin=None):
+    """Runs a README command (argv[0]: a fairseq console script); its stdout and stderr (eval-lm logs to stderr)."""
+    proc = fairseq_cli(*argv, stdin=stdin)
+    return proc.stdout + proc.stderr
+
+
 def block(name, language="bash"):
     blocks = readme_blocks()
     assert name in blocks, f"README.md has no block marked <!-- readme-test: {name} -->"
@@ -103,7 +109,7 @@ def trained(tmp_path_factory, corpus):
     save_dir = tmp_path_factory.mktemp("bottom_up_wt103")
     argv = substituted(train, {readme_data: corpus, readme_save_dir: save_dir}, PAPER_TO_TINY, CUDA_ONLY,
                        TINY_SIZE)
-    out = fairseq_cli(*argv).stdout
+    out = cli_output(argv)
     return readme_data, readme_save_dir, save_dir, out
 
 
@@ -122,8 +128,7 @@ def test_evaluate_command_scores_the_test_split(trained, corpus):
     assert option(evaluate, "--path").startswith(readme_save_dir + "/"), "evaluates a checkpoint train did not write"
     assert option(evaluate, "--context-window") == "400"
     # trained on 128-token samples, scored on 512: sinusoidal positions grow, as the README says
-    proc = fairseq_cli(*substituted(evaluate, {readme_data: corpus, readme_save_dir: save_dir}, extra=EVAL_SHARD))
-    out = proc.stdout + proc.stderr  # eval-lm logs to stderr
+    out = cli_output(substituted(evaluate, {readme_data: corpus, readme_save_dir: save_dir}, extra=EVAL_SHARD))
     evaluated = re.search(r"Evaluated ([\d,]+) tokens", out)
     assert evaluated and int(evaluated.group(1).replace(",", "")) > 0, out[-2000:]
     ppl = float(re.search(r"Perplexity: ([\d.]+)", out).group(1))
@@ -140,7 +145,7 @@ def test_generate_command_continues_the_prompt(trained, corpus):
     assert option(interactive, "--path").startswith(readme_save_dir + "/")
     argv = substituted(interactive, {readme_data: corpus, readme_save_dir: save_dir}, GENERATE_TINY,
                        extra=["--cpu", "--seed", "1"])
-    out = fairseq_cli(*argv, stdin=prompt + "\n").stdout
+    out = cli_output(argv, stdin=prompt + "\n")
     hypothesis = re.search(r"^H-0\t\S+\t(.*)$", out, re.M).group(1).split()
     detokenized = re.search(r"^D-0\t\S+\t(.*)$", out, re.M).group(1)
     assert hypothesis[:len(prompt.split())] == prompt.split()  # the prompt, in the dictionary (no <unk>)
