@@ -30,7 +30,9 @@ from fairseq_msformer import MsformerConfigError
 from fairseq_msformer.models.bottom_up import BottomUp
 from fairseq_msformer.models.retina import Retina
 from fairseq_msformer.models.top_down import TopDown
-from fairseq_msformer.modules import BlockPool, MultiScaleAttention, ScalePositions, TransformerBlock
+from fairseq_msformer.modules import (
+    BlockPool, CausalUpsample, LayerStack, MultiScaleAttention, ScalePositions, TransformerBlock,
+)
 from test_retina import measured_reads, plan_keys, reading_plan
 
 OPTIONS = [f.name for f in fields(MsformerLMConfig) if f.name != "_name"]  # _name: fairseq's registry key
@@ -98,6 +100,10 @@ def logits(model, length=LENGTH):
 
 def shapes(model):
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 def same_model(a, b):
@@ -232,7 +238,7 @@ def check_pool_type():
         built = {pool_type: build(family, pool_type=pool_type) for pool_type in ("mean", "max", "linear")}
         for pool_type, model in built.items():
             check_pools(model, [2, 2], pool_type, hourglass=False)
-        extra = sum(p.numel() for p in built["linear"].parameters()) - sum(p.numel() for p in built["mean"].parameters())
+        extra = parameter_count(built["linear"]) - parameter_count(built["mean"])
         pools = sum(isinstance(m, BlockPool) for m in built["linear"].modules())
         assert extra == pools * (2 * 16 * 16 + 16), "linear pooling: one (r*C -> C) projection per pooling module"
 
@@ -247,29 +253,41 @@ def check_shift_rule():
             assert ready.tolist() == ([1, 3, 5] if rule == "complete" else [0, 2, 4])
 
 
+def output(records, name):
+    return records[name][0][2]  # the first call's output
+
+
 @case("bottom_up_combine", "attention", "residual")
 def check_bottom_up_combine():
     """attention: the aggregation layer reads tokens and every block (32 + 16 + 8 keys); residual: it reads tokens
-    only, and each coarse scale is upsampled, projected and added (one projection call per scale); both: both."""
-    for combine, keys, projections in (("attention", 56, 0), ("residual", 32, 2), ("both", 56, 2)):
+    only, and each coarse scale's upsampled states are projected and added to the token stream first; both: both."""
+    for combine, keys in (("attention", 56), ("residual", 32), ("both", 56)):
         model = build("bottom_up", bottom_up_combine=combine)
-        aggregate = calls(model, MultiScaleAttention)["decoder.body.aggregate.attn"]
-        assert [args[1].size(1) for args, _, _ in aggregate] == [keys], combine
-        up_projs = calls(model, nn.Linear)
-        assert sum(len(r) for name, r in up_projs.items() if ".up_projs." in name) == projections, combine
+        seen = calls(model, LayerStack, TransformerBlock, MultiScaleAttention, nn.Linear)
+        assert [args[1].size(1) for args, _, _ in seen["decoder.body.aggregate.attn"]] == [keys], combine
+        tokens = output(seen, "decoder.body.token_layers_before")  # (B, 32, C) the token stream before pooling
+        if combine != "attention":
+            tokens = tokens + sum(output(seen, f"decoder.body.up_projs.{s}") for s in range(2))
+        ((aggregated, *_), _, _), = seen["decoder.body.aggregate"]
+        torch.testing.assert_close(aggregated, tokens, msg=f"{combine}: the aggregation layer's input")
 
 
 @case("top_down_combine", "add", "concat")
 def check_top_down_combine():
-    """add: a coarse scale's upsampled states are added to the finer scale's inputs; concat: (2C -> C) projected."""
+    """Scale s's layers read its pooled embeddings (+ block positions) combined with the coarser scale's upsampled
+    states: added, or concatenated and projected (2C -> C)."""
     for combine in ("add", "concat"):
         model = build("top_down", top_down_combine=combine)
-        linears = calls(model, nn.Linear)
-        combined = [args[0].size(-1) for name, records in linears.items() if ".combine." in name for args, _, _ in records]
-        assert combined == ([32, 32] if combine == "concat" else []), combine
-    add, concat = build("top_down", top_down_combine="add"), build("top_down", top_down_combine="concat")
-    # with the same weights elsewhere, the add model's scale inputs are pooled + upsampled; concat projects them
-    assert not torch.equal(logits(add), logits(concat))
+        seen = calls(model, TopDown, ScalePositions, CausalUpsample, LayerStack)
+        ((embeddings, _), _, _), = seen["decoder.body"]
+        inputs = [embeddings, output(seen, "decoder.body.positions.0")]  # scale 0: tokens; scale 1: pooled, placed
+        for s in range(2):
+            upsampled = output(seen, f"decoder.body.upsamples.{s}")
+            expected = inputs[s] + upsampled if combine == "add" else \
+                model.decoder.body.combine[s](torch.cat([inputs[s], upsampled], dim=-1))
+            ((stack_input, _), _, _), = seen[f"decoder.body.stacks.{s}"]
+            torch.testing.assert_close(stack_input, expected, msg=f"{combine}: scale {s}'s input")
+        assert hasattr(model.decoder.body, "combine") == (combine == "concat")
 
 
 RETINA_LAYERS = {  # --retina-windows group -> (window, blocks per coarse scale), by hand for blocks of 2 and 4
@@ -411,7 +429,8 @@ def check_decoder_learned_pos():
         tables = {name for name, m in learned.named_modules() if isinstance(m, ScalePositions)}
         assert position_parameters(learned) == tables | {"decoder.embed_positions"} and len(tables) >= 2
         assert isinstance(learned.decoder.embed_positions, LearnedPositionalEmbedding)
-        assert set(shapes(learned)) - set(shapes(sinusoidal)) == {name + ".weight" for name in position_parameters(learned)}
+        added = set(shapes(learned)) - set(shapes(sinusoidal))
+        assert added == {name + ".weight" for name in position_parameters(learned)}
 
 
 def body_input(model):
@@ -452,8 +471,7 @@ def check_share_decoder_input_output_embed():
         separate, shared = build(family), build(family, share_decoder_input_output_embed=True)
         assert shared.decoder.output_projection.weight is shared.decoder.embed_tokens.weight
         assert separate.decoder.output_projection.weight is not separate.decoder.embed_tokens.weight
-        count = [sum(p.numel() for p in m.parameters()) for m in (separate, shared)]
-        assert count[0] - count[1] == 44 * 16
+        assert parameter_count(separate) - parameter_count(shared) == 44 * 16
 
 
 ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff="10,20")
@@ -488,6 +506,10 @@ def check_adaptive_input_cutoff():
             assert [w for w, _ in band_shapes(model.decoder.embed_tokens)] == words, cutoff
 
 
+def adaptive_softmax(family, **options):
+    return build(family, adaptive_softmax_cutoff="10,20", **options).decoder.adaptive_softmax
+
+
 def tail_shapes(softmax):
     """[(inner dims, words)] of each AdaptiveSoftmax tail band: (C -> dims) projection, then (dims -> words)."""
     return [(band[0].weight.shape[0], band[-1].weight.shape[0]) for band in softmax.tail]
@@ -498,16 +520,17 @@ def check_adaptive_softmax_cutoff():
     for family in FAMILIES:
         assert build(family).decoder.adaptive_softmax is None
         for cutoff, tails in (("10,20", [(4, 10), (1, 24)]), ("12", [(4, 32)])):
-            softmax = build(family, adaptive_softmax_cutoff=cutoff).decoder.adaptive_softmax
-            assert isinstance(softmax, AdaptiveSoftmax) and softmax.cutoff == [int(c) for c in cutoff.split(",")] + [44]
-            assert tail_shapes(softmax) == tails and build(family, adaptive_softmax_cutoff=cutoff).decoder.output_projection is None
+            decoder = build(family, adaptive_softmax_cutoff=cutoff).decoder
+            softmax = decoder.adaptive_softmax
+            assert isinstance(softmax, AdaptiveSoftmax) and decoder.output_projection is None
+            assert softmax.cutoff == [int(c) for c in cutoff.split(",")] + [44] and tail_shapes(softmax) == tails
 
 
 @case("adaptive_softmax_dropout", 0.0, 0.2)
 def check_adaptive_softmax_dropout():
     for family in FAMILIES:
         for p in (0.0, 0.2):
-            softmax = build(family, adaptive_softmax_cutoff="10,20", adaptive_softmax_dropout=p).decoder.adaptive_softmax
+            softmax = adaptive_softmax(family, adaptive_softmax_dropout=p)
             tail_dropouts = [m.p for m in softmax.tail.modules() if isinstance(m, nn.Dropout)]
             assert softmax.dropout_module.p == p and tail_dropouts == [p, p], (family, p)
 
@@ -516,7 +539,7 @@ def check_adaptive_softmax_dropout():
 def check_adaptive_softmax_factor():
     for family in FAMILIES:  # tail band i (from 1) projects to 16 // factor**i dimensions
         for factor, dims in ((2.0, [8, 4]), (4.0, [4, 1])):
-            softmax = build(family, adaptive_softmax_cutoff="10,20", adaptive_softmax_factor=factor).decoder.adaptive_softmax
+            softmax = adaptive_softmax(family, adaptive_softmax_factor=factor)
             assert [d for d, _ in tail_shapes(softmax)] == dims, factor
 
 

@@ -138,11 +138,16 @@ def pooling_step(pool_type, hourglass=False):
     pool = BlockPool(2, pool_type, 16, hourglass_shift=hourglass)
 
     def run(x):  # feed (B, 1, C) elements until the first block comes out
-        cache, out = {}, None
+        cache = {}
         for t in range(x.size(1)):
-            out = pool.step(x[:, t : t + 1], cache, "pool") if out is None else out
-        return out
+            block = pool.step(x[:, t : t + 1], cache, "pool")
+            if block is not None:
+                return block
     return pool, run
+
+
+def itself(module):
+    return module, module
 
 
 def top_down_combine(combine):
@@ -164,24 +169,28 @@ def positions(learned, rows=8, offset=0):
 
 
 OPS = {  # name -> () -> (module, x (B, 8, C) -> output)
-    "mean pooling": lambda: (lambda p: (p, p))(BlockPool(2, "mean", 16)),
-    "max pooling": lambda: (lambda p: (p, p))(BlockPool(4, "max", 16, hourglass_shift=True)),
-    "linear pooling": lambda: (lambda p: (p, p))(BlockPool(2, "linear", 16)),
-    "linear pooling, hourglass shift": lambda: (lambda p: (p, p))(BlockPool(4, "linear", 16, hourglass_shift=True)),
-    "linear pooling, incremental": lambda: pooling_step("linear"),
-    "mean pooling, incremental hourglass": lambda: pooling_step("mean", hourglass=True),
-    "causal upsampling": lambda: upsample(),
-    "causal upsampling, no context yet": lambda: upsample(newest=True),
-    "learned block positions": lambda: positions(True),
-    "sinusoidal block positions": lambda: positions(False),
-    "sinusoidal block positions, grown": lambda: positions(False, rows=4, offset=3),
-    "top-down add": lambda: top_down_combine("add"),
-    "top-down concat": lambda: top_down_combine("concat"),
+    "mean_pool": lambda: itself(BlockPool(2, "mean", 16)),
+    "max_pool_hourglass": lambda: itself(BlockPool(4, "max", 16, hourglass_shift=True)),
+    "linear_pool": lambda: itself(BlockPool(2, "linear", 16)),
+    "linear_pool_hourglass": lambda: itself(BlockPool(4, "linear", 16, hourglass_shift=True)),
+    "linear_pool_step": lambda: pooling_step("linear"),
+    "mean_pool_step_hourglass": lambda: pooling_step("mean", hourglass=True),
+    "upsample": lambda: upsample(),
+    "upsample_no_context_yet": lambda: upsample(newest=True),
+    "learned_positions": lambda: positions(True),
+    "sinusoidal_positions": lambda: positions(False),
+    "sinusoidal_positions_grown": lambda: positions(False, rows=4, offset=3),
+    "top_down_add": lambda: top_down_combine("add"),
+    "top_down_concat": lambda: top_down_combine("concat"),
 }
 
 
-@pytest.mark.parametrize("module_dtype,input_dtype,autocast", DTYPE_SETTINGS,
-                         ids=[f"{str(m)[6:]}-module-{str(i)[6:]}-input-autocast-{str(a)[6:]}" for m, i, a in DTYPE_SETTINGS])
+def setting_id(setting):
+    module_dtype, input_dtype, autocast = (str(d).replace("torch.", "") if d else "off" for d in setting)
+    return f"module-{module_dtype}-input-{input_dtype}-autocast-{autocast}"
+
+
+@pytest.mark.parametrize("module_dtype,input_dtype,autocast", DTYPE_SETTINGS, ids=map(setting_id, DTYPE_SETTINGS))
 @pytest.mark.parametrize("op", OPS)
 def test_op_keeps_its_input_dtype(op, module_dtype, input_dtype, autocast):
     module, run = OPS[op]()
@@ -289,7 +298,7 @@ def test_autocast_keeps_residual_streams_fp32(arch, options, half):
     assert softmaxes and set(softmaxes) == {torch.float32}, softmaxes
     assert results["logits"].dtype == dtype and results["lprobs"].dtype == torch.float32
 
-    caches = cache_dtypes(model.eval(), tokens[:, :9], torch.autocast("cpu", dtype=dtype))  # a block of every scale
+    caches = cache_dtypes(model.eval(), tokens[:, :9], torch.autocast("cpu", dtype=dtype))  # blocks of every scale
     wrong = {k: d for k, d in caches.items() if d != (dtype if is_key_or_value(k) else torch.float32)}
     assert caches and not wrong, wrong
     assert arch.endswith("retina") or any(not is_key_or_value(k) for k in caches), "no stream state cached"

@@ -25,7 +25,7 @@ PACKAGE = "fairseq_msformer"
 # the fast, in-process part of the suite (the CLI tests add minutes and test fairseq's plumbing, not the models)
 SUITE_TIMEOUT = 1800  # seconds: a planted bug that makes the tests hang counts as caught
 DEFAULT_TESTS = ["tests/test_causality.py", "tests/test_influence.py", "tests/test_incremental.py",
-                 "tests/test_retina.py", "tests/test_precision.py"]
+                 "tests/test_retina.py", "tests/test_precision.py", "tests/test_options.py"]
 
 
 class Bug(NamedTuple):
@@ -84,6 +84,39 @@ BUGS = [
         "retina's blockwise attention keeps its dropout at evaluation"),
     Bug("padding_on_the_left", "models/decoder.py", "x = F.pad(x, (0, 0, 0, grid_pad))",
         "x = F.pad(x, (0, 0, grid_pad, 0))", "off-grid inputs are padded on the left: real positions move"),
+    # --- an option accepted but ignored (the model stays causal and correct, just not what was asked for)
+    Bug("retina_windows_layer0", "models/config.py", "return layers * args.token_layers if len(groups) == 1 else layers",
+        "return layers * args.token_layers if len(groups) == 1 else [layers[0]] * len(layers)",
+        "per-layer --retina-windows: every layer gets the first layer's windows"),
+    Bug("scale_layers_first_entry", "models/bottom_up.py", "LayerStack(args, n) for n in plan.scale_layers",
+        "LayerStack(args, plan.scale_layers[0]) for n in plan.scale_layers",
+        "bottom-up: every coarse scale gets the first entry of --scale-layers"),
+    Bug("retina_tiny_overrides_windows", "models/msformer_lm.py",
+        '    _defaults(args, token_layers=2, retina_windows="16,48,-1")\n',
+        '    _defaults(args, token_layers=2)\n    args.retina_windows = "16,48,-1"\n',
+        "the retina tiny preset overwrites a --retina-windows given on the command line"),
+    Bug("retina_value_pool_default", "modules/retina_attention.py",
+        "self.value_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim)",
+        'self.value_pools = nn.ModuleList(BlockPool(r, "mean", dim)',
+        "retina: values are mean-pooled whatever --pool-type says (keys follow it)"),
+    Bug("retina_recompute_misread", "modules/retina_attention.py", 'getattr(args, "no_retina_recompute", False)',
+        'getattr(args, "no_recompute", False)', "--no-retina-recompute read under another name: silently ignored"),
+    Bug("adaptive_softmax_takes_dropout", "models/decoder.py", "dropout=args.adaptive_softmax_dropout,",
+        "dropout=args.dropout,", "the adaptive softmax tails use --dropout instead of --adaptive-softmax-dropout"),
+    # --- a mixed-precision invariant broken while the output stays close to fp32
+    Bug("linear_pool_half_stream", "modules/pooling.py", "return self.proj(x.reshape(bsz, n // r, r * dim)).to(x.dtype)",
+        "return self.proj(x.reshape(bsz, n // r, r * dim))",
+        "--amp: linear pooling starts the coarser scale's residual stream in half precision"),
+    Bug("top_down_concat_half_stream", "models/top_down.py",
+        "return self.combine[s](torch.cat([inputs, context], dim=-1)).to(inputs.dtype)",
+        "return self.combine[s](torch.cat([inputs, context], dim=-1))",
+        "--amp: top-down's concat projection starts the finer scale's residual stream in half precision"),
+    Bug("ffn_residual_in_place", "modules/attention.py", "return x + self.dropout(self.fc2(h))",
+        "return self.dropout(self.fc2(h)).add_(x)",
+        "the FFN's residual add done in place on the branch: under --amp every stream drops to half precision"),
+    Bug("block_positions_table_dtype", "modules/positions.py", "return x + self.weight[offset:end].to(x).unsqueeze(0)",
+        "return x + self.weight[offset:end].unsqueeze(0)",
+        "block positions add in their table's dtype: --amp retina's pooled keys turn fp32 beside half ones"),
 ]
 
 
