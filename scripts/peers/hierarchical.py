@@ -7,7 +7,8 @@ positions (xpos), optional local attention windows per hierarchy.
 
 Run through fairseq: the package's forward embeds ids with `token_emb` and ends in `to_logits`; both are replaced
 by identities, so it receives our embeddings (B, T, C) and returns features. Its next-latent-prediction and
-reconstruction losses (only with its own return_loss) are switched off, and their modules removed.
+reconstruction losses (only with its own return_loss) are switched off, and their modules (and the coarse
+streams' final norms, which only they read) removed.
 
 What it cannot match: every layer runs all hierarchies, so layers per scale are equal (no 1 + 2 + 8 split); the
 compressed streams keep every position (the savings are in attention span, not sequence length); no dropout.
@@ -53,6 +54,8 @@ class HierarchicalTrunk(RecomputePrefix, nn.Module):
         self.trunk.to_logits = nn.Identity()  # ... and features go out
         self.trunk.chunk_summarizers = nn.ModuleList()  # the next-latent losses' modules: unused here
         self.trunk.latent_dynamics = nn.ModuleList()
+        for h in range(1, len(hierarchies)):  # the coarse streams' final norms feed only those losses too
+            self.trunk.norms[h] = nn.Identity()
         self.layers = args.sht_depth * len(hierarchies)
         self.layout = (f"{args.sht_depth} layers x hierarchies {'/'.join(map(str, hierarchies))}"
                        + (f", windows {'/'.join(str(w or 'full') for w in windows)}" if any(windows) else ""))
