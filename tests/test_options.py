@@ -23,7 +23,7 @@ from fairseq import options as fairseq_options
 from fairseq import utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
-from fairseq.modules import AdaptiveInput, AdaptiveSoftmax, FairseqDropout, LearnedPositionalEmbedding
+from fairseq.modules import AdaptiveInput, AdaptiveSoftmax, LearnedPositionalEmbedding
 
 from conftest import CORPUS, USER_DIR, MsformerLMConfig, MsformerLanguageModel, build_model, random_tokens
 from fairseq_msformer import MsformerConfigError
@@ -562,9 +562,11 @@ def check_tie_adaptive_weights():
 
 @case("tie_adaptive_proj", False, True)
 def check_tie_adaptive_proj():
-    for family in FAMILIES:  # band 0's projection feeds the head through the model width: fairseq ties the tails'
-        model = build(family, **TIED, tie_adaptive_weights=True, tie_adaptive_proj=True)
-        assert tied(model) == sorted([(b, "embedding") for b in range(3)] + [(1, "projection"), (2, "projection")])
+    embeddings = [(band, "embedding") for band in range(3)]
+    for family in FAMILIES:  # fairseq ties the tail bands' projections (band 0 reaches the head at the model width)
+        for tie_proj, projections in ((False, []), (True, [(1, "projection"), (2, "projection")])):
+            model = build(family, **TIED, tie_adaptive_weights=True, tie_adaptive_proj=tie_proj)
+            assert tied(model) == sorted(embeddings + projections), tie_proj
 
 
 def table_rows(model):
