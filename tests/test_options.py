@@ -25,9 +25,11 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax, LearnedPositionalEmbedding
 
-from conftest import CORPUS, USER_DIR, MsformerLMConfig, MsformerLanguageModel, build_model, random_tokens
+from conftest import CORPUS, USER_DIR, build_model, random_tokens
 from fairseq_msformer import MsformerConfigError
 from fairseq_msformer.models.bottom_up import BottomUp
+from fairseq_msformer.models.config import MsformerLMConfig
+from fairseq_msformer.models.msformer_lm import MsformerLanguageModel
 from fairseq_msformer.models.retina import Retina
 from fairseq_msformer.models.top_down import TopDown
 from fairseq_msformer.modules import (

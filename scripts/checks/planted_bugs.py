@@ -22,10 +22,12 @@ from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = "fairseq_msformer"
-# the fast, in-process part of the suite (the CLI tests add minutes and test fairseq's plumbing, not the models)
+# the fast, in-process part of the suite (the CLI tests add minutes and test fairseq's plumbing, not the models);
+# test_options first: about half a minute, and it stops many planted bugs (pooling, ready positions, retina reads,
+# combines, dropout at evaluation) before the exhaustive sweeps start
 SUITE_TIMEOUT = 1800  # seconds: a planted bug that makes the tests hang counts as caught
-DEFAULT_TESTS = ["tests/test_causality.py", "tests/test_influence.py", "tests/test_incremental.py",
-                 "tests/test_retina.py", "tests/test_precision.py", "tests/test_options.py"]
+DEFAULT_TESTS = ["tests/test_options.py", "tests/test_causality.py", "tests/test_influence.py",
+                 "tests/test_incremental.py", "tests/test_retina.py", "tests/test_precision.py"]
 
 
 class Bug(NamedTuple):
