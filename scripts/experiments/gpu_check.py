@@ -1,36 +1,39 @@
 #!/usr/bin/env python
 """One prepared check of the GPU path (issue 14): mixed-precision training, speed and FLOP utilisation, torchrun.
 
-Stages, in this order, each run in processes of its own with a time limit (a failing or timed-out run is recorded
-in the results and the next one runs; a run that would start after --budget seconds is recorded as skipped):
-  train     fairseq-train on the corpus for every model x --precisions, plus --adaptive-runs (adaptive input and
-            softmax, where fairseq users report fp16 overflow): loss finite and falling, words/s (fairseq's wps,
-            median of the logged intervals after the first), peak memory (CUDA: the largest
-            torch.cuda.max_memory_allocated over the run; CPU: peak resident set), gradient-overflow count and the
-            last loss scale
-  bench     scripts/experiments/benchmark.py (one run per --bench-lengths, training step: tokens/s, CUDA peak MiB,
-            MiB saved for backward, ratios to transformer_lm), then one training step of each benchmarked model
-            under torch.utils.flop_counter.FlopCounterMode: FLOPs per step as run (retina's recomputed gathers and
-            the attention kernels included), achieved FLOP/s = FLOPs per step x steps/s, and model FLOP
-            utilisation against the device's bf16 dense peak (--peak-tflops, else the table PEAK_BF16_TFLOPS) and
-            against a bf16 8192^3 matmul measured here; plus the operators that took the most time in one profiled
-            step at --profile-length (SDPA kernel chosen, gathers, dtype copies)
-  torchrun  fairseq-train under torchrun with NCCL (gloo on a CPU): W ranks (W = 2 where 2 GPUs are visible or on a
-            CPU, else 1: NCCL refuses two ranks on one GPU) against one process with --update-freq 2: equal losses
-            and parameters (README, Multi-GPU)
-Writes results.json and results.md (the device named in both), benchmark/T<length>/ and logs/ to --out
-(default docs/gpu/<device>/). With --stages naming only some stages, the other stages of an earlier results.json
-in --out are kept.
+Three stages, each run in processes of its own under a time limit: a failing or timed-out run is recorded in the
+results and the next one runs; no run goes past --budget seconds from the start (one that would is skipped and
+recorded so). They run in the order torchrun, bench, train (the training runs, in priority order, take what the
+budget leaves) and are reported in the order below.
+  train     fairseq-train on the corpus, every model in each of --precisions (in that order), then --adaptive-runs
+            (adaptive input and softmax, where fairseq users report fp16 overflow): loss finite and falling, words/s
+            (fairseq's wps, median of the logged intervals after the first), peak memory (CUDA: the largest
+            torch.cuda.max_memory_allocated of the run; CPU: peak resident set), gradient overflows, last loss scale
+  bench     scripts/experiments/benchmark.py, one run per --bench-lengths (training step: tokens/s, CUDA peak MiB,
+            MiB saved for backward, ratios to transformer_lm); then one training step of each benchmarked model
+            under torch.utils.flop_counter.FlopCounterMode: FLOPs per step as run (recomputation and every
+            attention call included), achieved FLOP/s = FLOPs per step x steps/s, and model FLOP utilisation (MFU)
+            against the device's bf16 dense peak (--peak-tflops, else the table PEAK_BF16_TFLOPS) and against a
+            bf16 8192^3 matmul measured here; and the operators with the most self time in one profiled step at
+            --profile-length, with the attention operators called (which SDPA kernel ran)
+  torchrun  fairseq-train under torchrun with NCCL (gloo on a CPU): W ranks (default 2 where 2 GPUs are visible or on
+            a CPU, else 1: NCCL refuses two ranks on one GPU) with --update-freq 2/W against one process with
+            --update-freq 2, dropout off: equal losses and parameters (README, Multi-GPU)
+Writes results.json and results.md (the device named in both), benchmark/T<length>/ and logs/ to --out (default
+docs/gpu/<device>/). With --stages naming only some stages, the others are kept from a results.json already in --out
+(same device), and so are the earlier successful training runs that are not rerun.
+Exit status: 0 when every check passed, 1 when a failure was recorded (results are written either way), 2 when a
+precondition is missing (one line each).
 
   scripts/experiments/gpu_check.sh                      # on the GPU machine (docs/gpu.md: the device tool's command)
   python scripts/experiments/gpu_check.py --device cpu --out /tmp/gpu_check   # tiny sizes, fp32, gloo (the test)
-  python scripts/experiments/gpu_check.py --stages torchrun                   # rerun one stage into the same folder
+  python scripts/experiments/gpu_check.py --stages train --precisions amp     # rerun some runs into the same folder
 
 Internal entry points (how the stages launch their processes):
   gpu_check.py fairseq-train ARGS...   fairseq-train itself, recording peak memory and the process group's backend
-                                       in $GPU_CHECK_PEAK_FILE (torchrun runs this with each rank)
+                                       in $GPU_CHECK_PEAK_FILE (torchrun runs this for each rank)
   gpu_check.py probe OUT LENGTHS PROFILE_LENGTH -- BENCHMARK_ARGS...
-                                       FLOP counts, matmul ceiling and profile, one JSON object per line in OUT
+                                       FLOP counts, matmul ceiling and profiles, one JSON object per line in OUT
 """
 import argparse
 import ast
@@ -42,11 +45,14 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -62,12 +68,16 @@ ADAPTIVE_FLAGS = ["--adaptive-input", "--adaptive-input-cutoff", "2000,6000", "-
                   "2000,6000", "--tie-adaptive-weights", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"]
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), matched as substrings of
 # torch.cuda.get_device_name(), most specific first. --peak-tflops overrides.
-PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("V100", None)]  # V100: no bf16 tensor cores
+PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
+# torchrun stage: (max |loss difference|, max |parameter difference|) between the ranks and one process. fp32: the
+# log's 3 decimals (a last digit rounded the other way) and float noise. Half precision: the same sums can still round
+# differently where a CUDA kernel accumulates in a varying order (atomics in efficient attention's backward); a bf16
+# weight near 1 moves in steps of 2^-7.
+TORCHRUN_TOLERANCES = {"fp32": (1.5e-3, 1e-5), "half": (2e-2, 2e-2)}
 # Sizes per device: the GPU gets the paper presets' width and full depth, the CPU a smoke-test size (the test).
 PROFILES = {
     "cuda": dict(dim=512, ffn=2048, heads=8, layers=14, bottom_up_options="", top_down_options="",
-                 retina_windows="64,256,-1", precisions=["fp16", "bf16", "amp"],
+                 retina_windows="64,256,-1", precisions=["bf16", "fp16", "amp"],
                  adaptive_runs=["transformer_lm:fp16", "bottom_up:fp16"], tokens_per_sample=512, max_tokens=16384,
                  updates=200, log_interval=20, lr=5e-4, warmup=50, bench_lengths=[2048, 4096, 8192], profile_length=4096,
                  bench_dtype="bfloat16", repeats=3, torchrun_precision="bf16", torchrun_updates=20, run_timeout=120,
@@ -90,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                    help="models trained and benchmarked (transformer_lm is the yardstick of the ratios)")
     p.add_argument("--precisions", nargs="+", choices=sorted(PRECISION_FLAGS),
-                   help="fairseq-train precision flags per model (GPU: fp16 bf16 amp; CPU: fp32)")
+                   help="fairseq-train precision flags, in order of priority (GPU: bf16 fp16 amp; CPU: fp32)")
     p.add_argument("--adaptive-runs", nargs="*", metavar="MODEL:PRECISION",
                    help="extra training runs with adaptive input and softmax (GPU: transformer_lm:fp16 bottom_up:fp16)")
     sizes = p.add_argument_group("model sizes (shared by the training and the benchmark; defaults per --device)")
@@ -122,7 +132,8 @@ def parse_args(argv=None):
     limits = p.add_argument_group("time limits, seconds")
     limits.add_argument("--run-timeout", type=int, help="per fairseq-train run (and per torchrun launch)")
     limits.add_argument("--bench-timeout", type=int, help="per benchmark length, and for the FLOP probe")
-    limits.add_argument("--budget", type=int, help="no run starts after this many seconds (GPU 450)")
+    limits.add_argument("--budget", type=int, help="no run goes on past this many seconds from the start: the last is "
+                                                    "cut short, later ones are skipped (GPU 450)")
     opts = p.parse_args(argv)
     for key, value in PROFILES[opts.device].items():
         if getattr(opts, key) is None:
@@ -228,26 +239,36 @@ class Runner:
         self.opts, self.start = opts, time.perf_counter()
         self.logs = os.path.join(opts.out, "logs")
         os.makedirs(self.logs, exist_ok=True)
+        self.scratch = tempfile.mkdtemp(prefix="gpu_check-")  # checkpoints: compared, then removed (main)
 
     def elapsed(self):
         return time.perf_counter() - self.start
 
     def run(self, name, cmd, timeout, env=None):
         """-> dict(returncode, seconds, log, error); error is None on success. The log file is logs/<name>.log."""
-        if self.elapsed() > self.opts.budget:
+        left = self.opts.budget - self.elapsed()
+        if left < 10:
             return dict(returncode=None, seconds=0.0, log="", error=f"skipped: the {self.opts.budget} s budget was "
                                                                      f"spent ({self.elapsed():.0f} s)")
+        timeout = min(timeout, int(left))  # the budget bounds the whole check, the last run included
         print(f"[{self.elapsed():5.0f}s] {name} ...", flush=True)
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         started = time.perf_counter()
+        # a session of its own, so that a timeout kills the whole tree (torchrun's ranks, the benchmark's spawned
+        # children), not just the launcher: an orphan would hold the GPU through the later runs
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=full_env, start_new_session=True)
         try:
-            proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, env=full_env,
-                                  timeout=timeout)
-            log, code = proc.stdout + proc.stderr, proc.returncode
+            log, _ = proc.communicate(timeout=timeout)
+            code = proc.returncode
             error = None if code == 0 else f"exit code {code}: {last_error_line(log)}"
-        except subprocess.TimeoutExpired as e:  # its output comes as bytes, whatever text=True says
-            log = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
             code, error = None, f"timed out after {timeout} s"
+        finally:
+            if proc.poll() is None:  # interrupted (Ctrl-C): take the tree down with us
+                os.killpg(proc.pid, signal.SIGKILL)
         seconds = time.perf_counter() - started
         with open(os.path.join(self.logs, f"{name}.log"), "w") as f:
             f.write(" ".join(map(str, cmd)) + "\n\n" + log)
@@ -318,6 +339,13 @@ def parse_train_log(log: str):
     return points, overflows
 
 
+def remove_stale(*paths):
+    """Files an earlier check left in --out, which a failing run would otherwise seem to have written."""
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def read_peak(path):
     try:
         with open(path) as f:
@@ -327,15 +355,19 @@ def read_peak(path):
 
 
 # ---------------------------------------------------------------- stage: train
-def stage_train(opts, runner):
-    runs = [(m, p, False) for m in opts.models for p in opts.precisions]
+def stage_train(opts, runner, earlier=None):
+    """Runs in order of priority (every model in the first precision, then the next precision, then the adaptive
+    runs), so that a spent budget skips the last. Successful runs of an `earlier` train stage that are not rerun
+    are kept."""
+    runs = [(m, p, False) for p in opts.precisions for m in opts.models]
     runs += [(m, p, True) for m, _, p in (r.partition(":") for r in opts.adaptive_runs)]
-    results = []
+    results = [r for r in (earlier or {}).get("runs", [])
+               if not r["error"] and (r["model"], r["precision"], r["adaptive"]) not in runs]
     for model, precision, adaptive in runs:
         name = f"train-{model}{'-adaptive' if adaptive else ''}-{precision}"
-        save_dir = os.path.join(runner.logs, name)
         peak_file = os.path.join(runner.logs, f"{name}.peak.json")
-        cmd = [*FAIRSEQ_TRAIN, *train_flags(opts, save_dir, opts.updates, opts.log_interval), "--no-save",
+        remove_stale(peak_file)
+        cmd = [*FAIRSEQ_TRAIN, *train_flags(opts, runner.scratch, opts.updates, opts.log_interval), "--no-save",
                *device_flags(opts), *model_flags(model, opts, adaptive), *PRECISION_FLAGS[precision]]
         run = runner.run(name, cmd, opts.run_timeout, env={"GPU_CHECK_PEAK_FILE": peak_file})
         points, overflows = parse_train_log(run["log"])
@@ -389,6 +421,7 @@ def stage_bench(opts, runner, info):
     lengths, points = {}, []
     for length in opts.bench_lengths:
         out = os.path.join(opts.out, "benchmark", f"T{length}")
+        remove_stale(os.path.join(out, "benchmark.json"))
         run = runner.run(f"bench-T{length}", [sys.executable, os.path.join(HERE, "benchmark.py"),
                                               *benchmark_argv(opts, length, out)], opts.bench_timeout)
         found = [r for r in benchmark_results(out, run["log"]) if r.get("mode") == "train"]
@@ -397,8 +430,7 @@ def stage_bench(opts, runner, info):
                                           "layout", "error")} for r in found]
     measured = {(p["model"], p["length"]) for p in points if p.get("tokens_per_s")}
     probe_out = os.path.join(runner.logs, "probe.jsonl")
-    if os.path.exists(probe_out):
-        os.remove(probe_out)
+    remove_stale(probe_out)
     probe_lengths = sorted({length for _, length in measured})
     probe = dict(error="no benchmark point to count")
     if probe_lengths:
@@ -412,6 +444,7 @@ def stage_bench(opts, runner, info):
             records = [json.loads(line) for line in f if line.strip()]
     flops = {(r["model"], r["length"]): r for r in records if r["kind"] == "flops"}
     profiles = [r for r in records if r["kind"] == "profile"]
+    probe["errors"] = [f"{r['model']} T={r['length']}: {r['error']}" for r in records if r["kind"] == "error"]
     matmul = next((r["tflops"] for r in records if r["kind"] == "matmul"), None)
     peak, peak_source = bf16_peak(opts, info)
     baseline = {p["length"]: p for p in points if p["model"] == benchmark.BASELINE}
@@ -437,13 +470,11 @@ def probe_main(argv):
     on CUDA a bf16 matmul ceiling; one profiled step per model at PROFILE_LENGTH. Appends JSON lines to OUT as it
     goes, so a crash or a timeout keeps what was counted."""
     import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
     count_cpu_attention(torch)
     out, lengths, profile_length = argv[0], [int(x) for x in argv[1].split(",")], int(argv[2])
     opts = benchmark.parse_args(argv[argv.index("--") + 1:])
-    device, dtype = opts.device, getattr(torch, opts.dtype)
+    device = opts.device
 
     def emit(record):
         with open(out, "a") as f:
@@ -453,32 +484,42 @@ def probe_main(argv):
         emit(dict(kind="matmul", tflops=matmul_tflops(torch)))
     for length in sorted(set(lengths) | {profile_length}):
         for name in opts.models:
-            torch.manual_seed(opts.seed)
-            # benchmark.measure's table size (it covers every length of the run; only learned positions read it)
-            max_positions = max([*opts.lengths, *opts.retina_lengths, *opts.generate_lengths]) + opts.generate_steps + 16
-            max_positions = max(max_positions, length + 16)
-            task = benchmark.fake_task(opts.vocab, max_positions)
-            model = benchmark.build(name, opts, task, max_positions)[0].to(device=device, dtype=dtype).train()
-            vocab = task.source_dictionary
-            tokens = torch.randint(vocab.nspecial, len(vocab), (opts.batch_size, length + 1), device=device)
-
-            def step():  # benchmark.measure's training step
-                model.zero_grad(set_to_none=True)
-                logits = model(tokens[:, :-1])[0].float()
-                F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
-
-            if length in lengths:
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    step()
-                by_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
-                emit(dict(kind="flops", model=name, length=length, flops=counter.get_total_flops(), by_op=by_op))
-            if length == profile_length:
-                step()  # warm-up outside the profile
-                emit(dict(kind="profile", model=name, length=length, **profile_step(torch, step, device)))
-            del model
+            try:
+                probe_model(torch, opts, name, length, length in lengths, length == profile_length, emit)
+            except Exception as e:  # out of memory, say: the other models and lengths are still counted
+                emit(dict(kind="error", model=name, length=length, error=f"{type(e).__name__}: {str(e)[:300]}"))
             if device == "cuda":
                 torch.cuda.empty_cache()
+
+
+def probe_model(torch, opts, name, length, count, profile, emit):
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(opts.seed)
+    # benchmark.measure's table size (it covers every length of the run; only learned positions read it)
+    max_positions = max([*opts.lengths, *opts.retina_lengths, *opts.generate_lengths]) + opts.generate_steps + 16
+    max_positions = max(max_positions, length + 16)
+    task = benchmark.fake_task(opts.vocab, max_positions)
+    model = benchmark.build(name, opts, task, max_positions)[0]
+    model = model.to(device=opts.device, dtype=getattr(torch, opts.dtype)).train()
+    vocab = task.source_dictionary
+    tokens = torch.randint(vocab.nspecial, len(vocab), (opts.batch_size, length + 1), device=opts.device)
+
+    def step():  # benchmark.measure's training step
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])[0].float()
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
+
+    if count:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        by_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+        emit(dict(kind="flops", model=name, length=length, flops=counter.get_total_flops(), by_op=by_op))
+    if profile:
+        step()  # warm-up outside the profile
+        emit(dict(kind="profile", model=name, length=length, **profile_step(torch, step, opts.device)))
 
 
 def count_cpu_attention(torch):
@@ -542,15 +583,17 @@ def profile_step(torch, step, device, top=12):
 
 
 # ---------------------------------------------------------------- stage: torchrun
-def stage_torchrun(opts, runner, info):
+def stage_torchrun(opts, runner):
     import torch
 
     world = opts.world_size or (2 if opts.device == "cpu" or torch.cuda.device_count() >= 2 else 1)
     model = next((m for m in opts.models if m != benchmark.BASELINE), opts.models[0])
     backend = "gloo" if opts.device == "cpu" else "nccl"
-    common = [*model_flags(model, opts), *PRECISION_FLAGS[opts.torchrun_precision], "--dropout", "0"]
-    saves = {k: os.path.join(runner.logs, f"torchrun-{k}") for k in ("ranks", "single")}
+    common = [*model_flags(model, opts), *PRECISION_FLAGS[opts.torchrun_precision], "--dropout", "0",
+              "--no-save-optimizer-state"]  # the parameters are compared; Adam's state would be GBs at paper size
+    saves = {k: os.path.join(runner.scratch, f"torchrun-{k}") for k in ("ranks", "single")}
     peak_file = os.path.join(runner.logs, "torchrun-ranks.peak.json")
+    remove_stale(*(f"{peak_file}.rank{r}" for r in range(world)))
     ranks_flags = [*train_flags(opts, saves["ranks"], opts.torchrun_updates, 1), *common,
                    "--update-freq", 2 // world, "--distributed-world-size", world, "--distributed-backend", backend]
     if opts.device == "cpu":
@@ -585,8 +628,8 @@ def stage_torchrun(opts, runner, info):
     except (OSError, RuntimeError, KeyError, AssertionError) as e:
         result["max_parameter_difference"] = None
         result["parameter_error"] = f"{type(e).__name__}: {e}"
-    tolerance = 1e-5 if opts.torchrun_precision == "fp32" else 1e-2
-    result["parameter_tolerance"] = tolerance
+    loss_tolerance, tolerance = TORCHRUN_TOLERANCES["fp32" if opts.torchrun_precision == "fp32" else "half"]
+    result.update(loss_tolerance=loss_tolerance, parameter_tolerance=tolerance)
     problems = [e for e in (ranks["error"], single["error"]) if e]
     if not problems:
         if result["backend"] != backend or not result["init_logged"]:
@@ -594,8 +637,8 @@ def stage_torchrun(opts, runner, info):
         if len(rank_losses) != opts.torchrun_updates or len(single_losses) != opts.torchrun_updates:
             problems.append(f"expected {opts.torchrun_updates} logged updates each, got {len(rank_losses)} and "
                             f"{len(single_losses)}")
-        elif result["max_loss_difference"] > 1e-3:  # the log's 3 decimals
-            problems.append(f"losses differ by {result['max_loss_difference']:.3g}")
+        elif result["max_loss_difference"] > loss_tolerance:
+            problems.append(f"losses differ by {result['max_loss_difference']:.3g} (tolerance {loss_tolerance})")
         if result["max_parameter_difference"] is None or result["max_parameter_difference"] > tolerance:
             problems.append(f"parameters differ by {result['max_parameter_difference']} (tolerance {tolerance})")
     result["error"] = "; ".join(problems) or None
@@ -669,7 +712,7 @@ def markdown(results):
            f"point: timings are single measurements.\n"]
     failures = results["failures"]
     out.append("**Failures**: " + ("none" if not failures else "") + "".join(f"\n- {f}" for f in failures) + "\n")
-    stages = results["stages"]
+    stages = {name: stage for name, stage in results["stages"].items() if not stage.get("crashed")}
     if "train" in stages:
         out.append(f"## fairseq-train, {opts['updates']} updates of {opts['max_tokens']} tokens (T = "
                    f"{opts['tokens_per_sample']}), width {opts['dim']}\n\n| model | precision | loss first -> last | "
@@ -703,6 +746,7 @@ def markdown(results):
                        f"{fmt(p.get('mfu'), '.1%')} | {fmt(p.get('of_matmul'), '.1%')} |")
         errors = [f"T={t}: {v['error']}" for t, v in b["lengths"].items() if v["error"]]
         errors += [f"probe: {b['probe']['error']}"] if b["probe"].get("error") else []
+        errors += [f"probe {e}" for e in b["probe"].get("errors", [])]
         out.append("".join(f"\n- {e}" for e in errors))
         for prof in b["profiles"]:
             out.append(f"\n**{prof['model']}, T = {prof['length']}: operators by self time in one step "
@@ -717,14 +761,15 @@ def markdown(results):
                    f"{2 // t['world_size']} against one process with --update-freq 2: {t['model']}, "
                    f"{t['precision']}, {len(t['rank_losses'])} updates, dropout 0. Process group backend seen: "
                    f"{t['backend']}; max |loss difference| {fmt(t.get('max_loss_difference'), '.3g')}, max "
-                   f"|parameter difference| {fmt(t.get('max_parameter_difference'), '.3g')} (tolerance "
-                   f"{t['parameter_tolerance']:g}); rank 0 peak {fmt(t['peak_mib'])} MiB; {t['seconds']:.0f} s. "
+                   f"|parameter difference| {fmt(t.get('max_parameter_difference'), '.3g')} (tolerances "
+                   f"{t['loss_tolerance']:g} and {t['parameter_tolerance']:g}); rank 0 peak {fmt(t['peak_mib'])} MiB; {t['seconds']:.0f} s. "
                    f"Error: {t['error'] or 'none'}.\n")
     return "\n".join(out)
 
 
 def failures_of(stages):
-    found = []
+    found = [f"{name}: crashed: {stage['error']}" for name, stage in stages.items() if stage.get("crashed")]
+    stages = {name: stage for name, stage in stages.items() if not stage.get("crashed")}
     for r in stages.get("train", {}).get("runs", []):
         if r["error"]:
             found.append(f"train {r['model']}{' adaptive' if r['adaptive'] else ''} {r['precision']}: {r['error']}")
@@ -733,9 +778,20 @@ def failures_of(stages):
         found += [f"bench T={t}: {v['error']}" for t, v in bench["lengths"].items() if v["error"]]
         found += [f"bench {p['model']} T={p['length']}: {p['error']}" for p in bench["points"] if p.get("error")]
         found += [f"bench probe: {bench['probe']['error']}"] if bench["probe"].get("error") else []
+        found += [f"bench probe {e}" for e in bench["probe"].get("errors", [])]
     if stages.get("torchrun", {}).get("error"):
         found.append(f"torchrun: {stages['torchrun']['error']}")
     return found
+
+
+def earlier_stages(opts, info):
+    """The stages of a results.json already in --out, if it was written on the same device; else {}."""
+    try:
+        with open(os.path.join(opts.out, "results.json")) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return earlier.get("stages", {}) if earlier.get("device", {}).get("name") == info["name"] else {}
 
 
 def main(argv=None):
@@ -751,17 +807,20 @@ def main(argv=None):
     print(f"gpu_check on {info['name']}: stages {' '.join(opts.stages)}, budget {opts.budget} s, out {opts.out}",
           flush=True)
     runner, started = Runner(opts), datetime.datetime.now().isoformat(timespec="seconds")
-    stages = {}
-    previous = os.path.join(opts.out, "results.json")
-    if set(opts.stages) != set(STAGES) and os.path.exists(previous):  # keep the stages not rerun
-        with open(previous) as f:
-            stages = {k: v for k, v in json.load(f)["stages"].items() if k not in opts.stages}
-    if "train" in opts.stages:
-        stages["train"] = stage_train(opts, runner)
-    if "bench" in opts.stages:
-        stages["bench"] = stage_bench(opts, runner, info)
-    if "torchrun" in opts.stages:
-        stages["torchrun"] = stage_torchrun(opts, runner, info)
+    earlier = earlier_stages(opts, info)
+    stages = {k: v for k, v in earlier.items() if k not in opts.stages}  # a rerun of some stages keeps the others
+    calls = {"torchrun": lambda: stage_torchrun(opts, runner),
+             "bench": lambda: stage_bench(opts, runner, info),
+             "train": lambda: stage_train(opts, runner, earlier.get("train"))}
+    # the short single-shot stages first; the training runs, in priority order, take what the budget leaves
+    for name in ("torchrun", "bench", "train"):
+        if name in opts.stages:
+            try:
+                stages[name] = calls[name]()
+            except Exception as e:  # a bug of this script in one stage must not cost the others their machine time
+                traceback.print_exc()
+                stages[name] = dict(error=f"{type(e).__name__}: {e}", crashed=True)
+    shutil.rmtree(runner.scratch, ignore_errors=True)
     results = dict(device=info, started=started,
                    wall_s=runner.elapsed(), command=" ".join(["gpu_check.py", *(argv or sys.argv[1:])]),
                    options={k: v for k, v in vars(opts).items()}, stages=stages, failures=failures_of(stages))
