@@ -1,55 +1,24 @@
 """design.md §4.3: fairseq's own CLIs, end to end, on the shipped corpus, on a CPU.
 
-Each family is trained for a few updates with fairseq-train, resumed from checkpoint_last.pt, scored with
-fairseq-eval-lm (with and without --context-window) and sampled with fairseq-interactive, always with
---user-dir and --task as a user passes them.
+Each family is trained for a few updates with fairseq-train (once per session: conftest's tiny_checkpoint),
+resumed from checkpoint_last.pt, scored with fairseq-eval-lm (with and without --context-window, in padded batches
+and at eval-lm's default sample length), sampled with fairseq-generate and continued with fairseq-interactive,
+always with --user-dir and --task as a user passes them.
 """
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils, indexed_dataset
 
-from conftest import USER_DIR, build_model, fairseq_cli, log_probs, random_tokens, sampled_log_probs
-
-TASK = ["--user-dir", USER_DIR, "--task", "multiscale_language_modeling", "--cpu"]
-ADAPTIVE = ["--adaptive-input", "--adaptive-input-cutoff", "2000,6000", "--adaptive-softmax-cutoff", "2000,6000",
-            "--tie-adaptive-weights", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"]
-FAMILIES = {
-    "bottom_up": ["--arch", "msformer_lm_bottom_up_tiny", "--token-layers-before-pooling", "1"],
-    # the paper presets' bottom-up design: residual upsampling, linear pooling, hourglass shift
-    "bottom_up_adaptive": ["--arch", "msformer_lm_bottom_up_tiny", "--pool-type", "linear", "--bottom-up-combine",
-                           "residual", "--shift-rule", "hourglass", *ADAPTIVE],
-    "top_down_adaptive": ["--arch", "msformer_lm_top_down_tiny", "--shift-rule", "hourglass", *ADAPTIVE],
-    "retina": ["--arch", "msformer_lm_retina_tiny", "--retina-windows", "8,24,-1;16,40,-1"],
-}
-
-
-def train(corpus, save_dir, arch_flags, updates, *flags, program=("fairseq-train",), **kwargs):
-    """fairseq-train (or `program` with fairseq-train's arguments) with the tests' settings; `flags` come last, so
-    they override them; kwargs go to fairseq_cli."""
-    return fairseq_cli(
-        *program, corpus, *TASK, *arch_flags, "--tokens-per-sample", "64", "--max-tokens", "1024",
-        "--optimizer", "adam", "--lr", "2e-3", "--max-update", updates, "--max-valid-steps", "2",
-        "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints", "--log-format", "simple",
-        "--log-interval", "5", "--seed", "1", *flags, **kwargs,
-    )
-
-
-def checkpoint_weights(save_dir) -> dict:
-    """The parameters and buffers in save_dir's checkpoint_last.pt, without fairseq's `_float_tensor` placeholders
-    (AdaptiveInput/AdaptiveSoftmax: one uninitialised float that only marks the dtype and device)."""
-    state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"), map_location="cpu", weights_only=False)
-    return {name: value for name, value in state["model"].items() if not name.endswith("_float_tensor")}
-
-
-def max_difference(weights: dict, other: dict) -> float:
-    """max |a - b| over every tensor of two checkpoint_weights."""
-    assert weights.keys() == other.keys()
-    return max((weights[name].double() - other[name].double()).abs().max().item() for name in weights)
+from conftest import (  # noqa: F401  (FAMILIES .. train: also imported from here by the resume/distributed tests)
+    FAMILIES, TASK, TINY_UPDATES, USER_DIR, build_model, checkpoint_weights, fairseq_cli, log_probs, max_difference,
+    random_tokens, sampled_log_probs, train,
+)
 
 
 def eval_lm(corpus, checkpoint, *flags, tokens_per_sample=64):
@@ -70,24 +39,26 @@ def eval_lm(corpus, checkpoint, *flags, tokens_per_sample=64):
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def trained(request, corpus, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp(request.param)
-    proc = train(corpus, save_dir, FAMILIES[request.param], updates=10)
-    return request.param, save_dir, proc.stdout + proc.stderr
+def trained(request, tiny_checkpoint):
+    """(family, its session-wide TinyCheckpoint): trained for TINY_UPDATES updates, read only."""
+    return request.param, tiny_checkpoint(request.param)
 
 
 def test_train_writes_checkpoints_and_logs_progress(trained):
-    family, save_dir, log = trained
-    assert os.path.exists(os.path.join(save_dir, "checkpoint_last.pt"))
-    assert "num_updates=10" in log or "num_updates 10" in log
-    assert re.search(r"valid on 'valid' subset \| loss [\d.]+ \| ppl [\d.]+", log)
+    _, checkpoint = trained
+    assert os.path.exists(checkpoint.path)
+    assert f"num_updates={TINY_UPDATES}" in checkpoint.log or f"num_updates {TINY_UPDATES}" in checkpoint.log
+    assert re.search(r"valid on 'valid' subset \| loss [\d.]+ \| ppl [\d.]+", checkpoint.log)
 
 
-def test_resume_continues_from_checkpoint_last(trained, corpus):
-    family, save_dir, _ = trained
-    log = "\n".join(vars(train(corpus, save_dir, FAMILIES[family], updates=15))[k] for k in ("stdout", "stderr"))
-    assert re.search(r"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch 1 @ 10 updates\)", log), log[-3000:]
-    assert "num_updates 15" in log
+def test_resume_continues_from_checkpoint_last(trained, corpus, tmp_path):
+    family, checkpoint = trained
+    save_dir = shutil.copytree(checkpoint.save_dir, tmp_path / "resumed")  # the shared one stays as it is
+    proc = train(corpus, save_dir, FAMILIES[family], updates=TINY_UPDATES + 5)
+    log = proc.stdout + "\n" + proc.stderr
+    assert re.search(rf"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch 1 @ {TINY_UPDATES} updates\)", log), \
+        log[-3000:]
+    assert f"num_updates {TINY_UPDATES + 5}" in log
 
 
 @pytest.fixture(scope="module")
@@ -122,50 +93,58 @@ def test_eval_lm_scores_every_token_as_one_full_pass(trained, eval_bin, context_
     """Each token's score from fairseq-eval-lm (batched, right-padded rows; with --context-window, blocks of
     64 - C targets behind the C tokens before them) equals one forward pass of the model alone over exactly that
     context, to 1e-4; every token of the subset is scored once."""
-    _, save_dir, _ = trained
-    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    _, trained_checkpoint = trained
     flags = ["--context-window", context_window] if context_window else []
-    scores, _ = word_scores(eval_bin, checkpoint, "--gen-subset", "test", "--tokens-per-sample", "64",
+    scores, _ = word_scores(eval_bin, trained_checkpoint.path, "--gen-subset", "test", "--tokens-per-sample", "64",
                             "--max-tokens", "256", *flags)  # 4 rows a batch, padded
-    (model,), _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": str(eval_bin)})
-    model.eval()
+    model = load_model(trained_checkpoint.path, eval_bin)
     lines = data_utils.load_indexed_dataset(str(eval_bin / "test"), None)
     stream = torch.cat([lines[i] for i in range(len(lines))])  # the targets, eos after every line
-    inputs = torch.cat([stream.new_tensor([model.decoder.dictionary.eos()]), stream[:-1]])  # shifted right by one
     block = 64 - context_window
     assert sorted(scores) == list(range(-(-len(stream) // block))), "one sample per block, every block scored"
     for i, from_cli in scores.items():
         start, end = i * block, min((i + 1) * block, len(stream))
         first = max(start - context_window, 0)
-        with torch.no_grad():
-            lprobs = log_probs(model, inputs[first:end].unsqueeze(0))[0, start - first :]  # (end - start, V)
-        expected = lprobs.gather(-1, stream[start:end].unsqueeze(-1)).squeeze(-1)
+        expected = full_pass_scores(model, stream, first, end)[start - first :]  # (end - start,)
         assert len(from_cli) == end - start
         assert (torch.tensor(from_cli) - expected).abs().max() < 1e-4, f"sample {i}"
 
 
-def word_probs(corpus, checkpoint, *flags):
-    """fairseq-eval-lm --output-word-probs on 1/20 of valid, one sentence per sample: {sample id: [probs]}."""
-    scores, log = word_scores(
-        corpus, checkpoint, "--gen-subset", "valid", "--sample-break-mode", "eos", "--tokens-per-sample", "64",
-        "--skip-invalid-size-inputs-valid-test", "--num-shards", "20", "--shard-id", "0", *flags,
-    )
-    assert len(scores) >= 20, log[-2000:]
-    return scores
+def load_model(checkpoint, data):
+    (model,), _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": str(data)})
+    return model.eval()
+
+
+def full_pass_scores(model, stream, first, end):
+    """(end - first,) natural-log probability of each token of stream[first:end] under one forward pass of the
+    model alone over exactly those positions; its inputs are the stream shifted right by one, eos first, as
+    fairseq's language-modeling datasets feed it."""
+    inputs = torch.cat([stream.new_tensor([model.decoder.dictionary.eos()]), stream[:-1]])  # (N,)
+    with torch.no_grad():
+        lprobs = log_probs(model, inputs[first:end].unsqueeze(0))[0]  # (end - first, V)
+    return lprobs.gather(-1, stream[first:end].unsqueeze(-1)).squeeze(-1)
 
 
 def test_eval_lm_padding_never_changes_a_score(trained, corpus):
-    """Sentences scored alone (--batch-size 1, no padding) and in padded batches get the same word scores."""
-    _, save_dir, _ = trained
-    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    alone = word_probs(corpus, checkpoint, "--batch-size", "1")
-    batched = word_probs(corpus, checkpoint, "--max-tokens", "2048")
-    common = alone.keys() & batched.keys()  # --num-shards shards batches, so the two runs overlap in part
-    assert len(common) >= 5
-    for sample_id in common:
-        probs = alone[sample_id]
-        assert len(probs) == len(batched[sample_id])
-        assert max(abs(a - b) for a, b in zip(probs, batched[sample_id])) < 1e-4, sample_id
+    """Sentences of 1/20 of valid scored in padded batches (--sample-break-mode eos, --max-tokens 2048: one
+    sentence a row, right-padded to the longest of its batch) get the word scores each sentence gets alone in one
+    forward pass of the model, to 1e-4."""
+    _, trained_checkpoint = trained
+    batched, log = word_scores(
+        corpus, trained_checkpoint.path, "--gen-subset", "valid", "--sample-break-mode", "eos", "--tokens-per-sample",
+        "64", "--skip-invalid-size-inputs-valid-test", "--num-shards", "20", "--shard-id", "0", "--max-tokens", "2048",
+    )
+    assert len(batched) >= 20, log[-2000:]
+    model = load_model(trained_checkpoint.path, corpus)
+    sentences = data_utils.load_indexed_dataset(os.path.join(corpus, "valid"), None)  # sample id = sentence index
+    lengths = set()
+    for sample_id, from_cli in batched.items():
+        sentence = sentences[sample_id]  # ends with eos
+        lengths.add(len(sentence))
+        alone = full_pass_scores(model, sentence, 0, len(sentence))
+        assert len(from_cli) == len(sentence)
+        assert (torch.tensor(from_cli) - alone).abs().max() < 1e-4, sample_id
+    assert len(lengths) > 5, "sentences of different lengths, so rows really are padded"
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +171,8 @@ def test_sampling_draws_from_the_top_k(trained, corpus, prompts_bin):
     """fairseq-generate on three prompts of different lengths in one batch: --sampling-topk 1 gives greedy's
     output; with --sampling-topk 5 every generated token is one of the 5 most likely under a full forward pass of
     the checkpoint, and each reported score is that token's log-probability (4 decimals, base 2)."""
-    _, save_dir, _ = trained
-    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    _, trained_checkpoint = trained
+    checkpoint = trained_checkpoint.path
     common = [prompts_bin, *TASK, "--path", checkpoint, "--gen-subset", "test", "--sample-break-mode", "eos",
               "--beam", "1", "--max-len-b", "16", "--batch-size", "3", "--required-batch-size-multiple", "1"]
     greedy = generated(fairseq_cli("fairseq-generate", *common))
@@ -201,8 +180,7 @@ def test_sampling_draws_from_the_top_k(trained, corpus, prompts_bin):
 
     sampled = generated(fairseq_cli("fairseq-generate", *common, "--sampling", "--sampling-topk", "5", "--seed", "3"))
     assert len(sampled) == 3 and sampled != greedy
-    (model,), _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": corpus})
-    model.eval()
+    model = load_model(checkpoint, corpus)
     dictionary = model.decoder.dictionary
     prompts = data_utils.load_indexed_dataset(str(prompts_bin / "test"), None)
     for i, (words, scores) in sampled.items():
@@ -215,28 +193,10 @@ def test_sampling_draws_from_the_top_k(trained, corpus, prompts_bin):
         assert max(abs(a - b) for a, b in zip(scores, (chosen / math.log(2)).tolist())) < 1e-3
 
 
-def test_interactive_continues_a_prompt(trained, corpus):
-    _, save_dir, _ = trained
-    proc = fairseq_cli(
-        "fairseq-interactive", corpus, *TASK, "--path", os.path.join(save_dir, "checkpoint_last.pt"),
-        "--tokenizer", "moses", "--moses-no-escape", "--beam", "3", "--max-len-b", "12",
-        stdin="The built-in function\nA list comprehension is a concise way to build lists , and\n",
-    )
-    lines = proc.stdout.splitlines()
-    tokenized = [line.split("\t") for line in lines if line.startswith("H-")]
-    detokenized = [line.split("\t") for line in lines if line.startswith("D-")]
-    assert len(tokenized) == len(detokenized) == 2, proc.stdout[-2000:]
-    prompt_tokens = ["The", "built", "@-@", "in", "function"]
-    assert tokenized[0][2].split()[: len(prompt_tokens)] == prompt_tokens
-    assert len(tokenized[0][2].split()) > len(prompt_tokens), "nothing was generated after the prompt"
-    assert detokenized[0][2].startswith("The built-in function")
-    assert all(math.isfinite(float(score)) for _, score, _ in tokenized)
-
-
-# ---------------------------------------------------------------- the CLIs' own defaults
 # fairseq-eval-lm, -generate and -interactive set the task up from their own command line (design.md §6): without
 # --tokens-per-sample they take 1024, whatever the checkpoint was trained with (64 here).
 
+SHORT_PROMPTS = "The built-in function\nA list comprehension is a concise way to build lists , and\n"
 LONG_PROMPT = (  # 82 tokens after Moses tokenization: longer than any training sample
     "The standard library contains built-in modules , written in C , that provide access to system functionality "
     "such as file input and output that would otherwise be inaccessible to Python programmers , as well as modules "
@@ -246,23 +206,35 @@ LONG_PROMPT = (  # 82 tokens after Moses tokenization: longer than any training 
 )
 
 
-def test_eval_lm_and_interactive_with_their_default_sample_length(trained, corpus):
-    """Models trained on 64-token samples score eval-lm's default 1024-token samples behind a 100-token context
-    window (every token is scored: eval_lm checks the count), and fairseq-interactive continues a prompt longer than
-    any training sample: sinusoidal token and block positions grow on demand. (fairseq-generate runs without
-    --tokens-per-sample in test_sampling_draws_from_the_top_k.)"""
-    _, save_dir, _ = trained
-    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    shard = ["--num-shards", "20", "--shard-id", "0"]  # 3-4 samples of 1024 tokens are enough, and fast
-    perplexity = eval_lm(corpus, checkpoint, *shard, "--context-window", "100", tokens_per_sample=None)
-    assert 1 < perplexity and math.isfinite(perplexity)
+def test_interactive_continues_prompts(trained, corpus):
+    """fairseq-interactive with its own default sample length (1024) and beam 3: short prompts are Moses-tokenized
+    ("built-in" -> "built @-@ in"), continued and detokenized back; a prompt longer than any training sample is
+    continued too (sinusoidal token and block positions grow on demand)."""
+    _, trained_checkpoint = trained
+    proc = fairseq_cli(
+        "fairseq-interactive", corpus, *TASK, "--path", trained_checkpoint.path, "--tokenizer", "moses",
+        "--moses-no-escape", "--beam", "3", "--max-len-b", "90", stdin=SHORT_PROMPTS + LONG_PROMPT,
+    )
+    lines = proc.stdout.splitlines()
+    tokenized = {int(line.split("\t")[0][2:]): line.split("\t")[1:] for line in lines if line.startswith("H-")}
+    detokenized = {int(line.split("\t")[0][2:]): line.split("\t")[1:] for line in lines if line.startswith("D-")}
+    assert sorted(tokenized) == sorted(detokenized) == [0, 1, 2], proc.stdout[-2000:]  # one hypothesis a prompt
+    prompt_tokens = ["The", "built", "@-@", "in", "function"]
+    assert tokenized[0][1].split()[: len(prompt_tokens)] == prompt_tokens
+    assert len(tokenized[0][1].split()) > len(prompt_tokens), "nothing was generated after the prompt"
+    assert detokenized[0][1].startswith("The built-in function")
+    assert len(tokenized[2][1].split()) >= 82  # the whole long prompt, then the model's tokens
+    assert all(math.isfinite(float(score)) for score, _ in tokenized.values())
 
-    proc = fairseq_cli("fairseq-interactive", corpus, *TASK, "--path", checkpoint, "--tokenizer", "moses",
-                       "--moses-no-escape", "--beam", "1", "--max-len-b", "90", stdin=LONG_PROMPT)
-    tokenized = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-")]
-    assert len(tokenized) == 1, proc.stdout[-2000:]
-    _, score, tokens = tokenized[0]
-    assert len(tokens.split()) >= 82 and math.isfinite(float(score))  # the whole prompt, then the model's tokens
+
+def test_eval_lm_with_its_default_sample_length(trained, corpus):
+    """Models trained on 64-token samples score eval-lm's default 1024-token samples behind a 100-token context
+    window (every token is scored: eval_lm checks the count). (fairseq-generate runs without --tokens-per-sample in
+    test_sampling_draws_from_the_top_k, fairseq-interactive in test_interactive_continues_prompts.)"""
+    _, trained_checkpoint = trained
+    shard = ["--num-shards", "20", "--shard-id", "0"]  # 3-4 samples of 1024 tokens are enough, and fast
+    perplexity = eval_lm(corpus, trained_checkpoint.path, *shard, "--context-window", "100", tokens_per_sample=None)
+    assert 1 < perplexity and math.isfinite(perplexity)
 
 
 LONGER_THAN_TRAINED = [
