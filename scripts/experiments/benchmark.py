@@ -131,9 +131,13 @@ def build(name, opts, task, max_positions):
 
 
 def count_layers(model):
-    """Transformer layers of an msformer model (every scale, the aggregation layer included) or a transformer_lm."""
+    """Transformer layers of an msformer model (every scale, the aggregation layer included), a transformer_lm, or
+    a peer (scripts/peers: its trunk counts its attention+FFN blocks)."""
     from fairseq_msformer.modules import TransformerBlock
 
+    peer_layers = getattr(getattr(model.decoder, "body", None), "layers", None)
+    if isinstance(peer_layers, int):
+        return peer_layers
     blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
     return blocks or len(model.decoder.layers)
 

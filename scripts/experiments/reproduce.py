@@ -18,9 +18,16 @@ survived. Models run one after another, each with --threads threads.
   python scripts/experiments/reproduce.py --suite ablation    # the bottom-up design ablation, ~50 minutes
   python scripts/experiments/reproduce.py --quick --out /tmp/q   # a few updates of tiny models (the tests)
   python scripts/experiments/reproduce.py --only transformer_lm bottom_up   # a subset (the others' results stay)
+  python scripts/experiments/reproduce.py --suite peers --threads 1   # outside implementations beside ours (docs/peers)
+
+The peers suite (make peers first) runs the packages of scripts/peers at the main suite's budget beside the vanilla
+frontier (transformer_lm at 2, 4, 6, 8 layers) and our main models; each entry also names its family and
+implementation, and two plots put every model against the frontier (perplexity vs activation memory and vs
+training time). A model whose options and settings equal a main-suite run in docs/main is taken from there.
 """
 import argparse
 import json
+import logging
 import os
 import re
 import shlex
@@ -31,6 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE = "transformer_lm"
+PEERS_DIR = os.path.join(REPO, "scripts", "peers")
 
 # ---------------------------------------------------------------- the experiment
 # Shared by every model: width 128, FFN 512, 4 heads, dropout 0.1, adaptive input and softmax (tied), pre-norm.
@@ -102,7 +110,37 @@ SUITES = {
                                          "linear pooling, and the token layer after the aggregation"),
     },
 }
-SUITE_UPDATES = {"main": 1200, "ablation": 400}
+
+def peer(arch, *options):
+    return ["--arch", arch, *options]
+
+
+# Outside implementations (scripts/peers) at the main suite's sizes, each matched to its family's main model as far
+# as the package allows (docs/peers.md says where it cannot), and the vanilla frontier. Peers and the frontier
+# first: our models' entries are normally reused from docs/main (same options and settings).
+SUITES["peers"] = {
+    "peer_hourglass": (peer("peer_hourglass", "--hourglass-shorten-factors", "4,4", "--hourglass-layers", "1,2,8,0,1"),
+                       "1 token + 2 at /4 + 8 at /16 + 1 token = 12, mean pool / repeat"),
+    "peer_xtransformers": (peer("peer_xtransformers", "--xt-layers", "4"), "4 layers, rotary"),
+    "peer_local": (peer("peer_local", "--local-layers", "4", "--local-window", "64"), "4 layers, window 64"),
+    "peer_megabyte": (peer("peer_megabyte", "--megabyte-layers", "8,2,2", "--megabyte-patch-sizes", "4,4"),
+                      "8 at /16 + 2 at /4 + 2 token = 12"),
+    "transformer_lm_2": (["--arch", "transformer_lm", "--decoder-layers", "2"], "2 token layers"),
+    BASELINE: TRANSFORMER_LM_4,
+    "transformer_lm_6": (["--arch", "transformer_lm", "--decoder-layers", "6"], "6 token layers"),
+    "transformer_lm_8": (["--arch", "transformer_lm", "--decoder-layers", "8"], "8 token layers"),
+    "peer_nsa": (peer("peer_nsa", "--nsa-layers", "4", "--nsa-sliding-window", "64", "--nsa-compress-block", "16",
+                      "--nsa-compress-stride", "16", "--nsa-selection-block", "16", "--nsa-selected-blocks", "4"),
+                 "4 layers: window 64, compressed 16-token blocks, 4 x 16 selected"),
+    "peer_hierarchical": (peer("peer_hierarchical", "--sht-depth", "4", "--sht-hierarchies", "1,4,16"),
+                          "4 layers x hierarchies 1/4/16 = 12 blocks"),
+    "peer_hourglass_resampling": (peer("peer_hourglass", "--hourglass-shorten-factors", "4,4", "--hourglass-layers",
+                                       "1,2,8,0,1", "--hourglass-attn-resampling"),
+                                  "as peer_hourglass + the package's attention resampling (4 more blocks)"),
+    **{name: SUITES["main"][name] for name in ("bottom_up", "top_down", "retina", "bottom_up_linear")},
+}
+FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
+SUITE_UPDATES = {"main": 1200, "ablation": 400, "peers": 1200}
 QUICK = {  # tiny stand-ins with the same families (the tests run these)
     BASELINE: (["--arch", "transformer_lm", "--decoder-layers", "1"], "1 token layer"),
     "bottom_up": (["--arch", "msformer_lm_bottom_up", "--pool-factors", "2,2", "--scale-layers", "1,1",
@@ -159,10 +197,35 @@ def models_of(opts):
     return models
 
 
+def user_dir(model_args):
+    """scripts/peers for an outside implementation (it registers ours too), else our package."""
+    arch = model_args[model_args.index("--arch") + 1]
+    return PEERS_DIR if arch.startswith("peer_") else os.path.join(REPO, "fairseq_msformer")
+
+
+def family_and_implementation(model_args):
+    """('bottom_up' | 'top_down' | 'retina' | 'vanilla', 'ours' | 'package==version') of a model's --arch."""
+    arch = model_args[model_args.index("--arch") + 1]
+    if arch.startswith("peer_"):
+        sys.path.insert(0, os.path.dirname(PEERS_DIR))
+        import peers
+
+        family, package = peers.PEERS[arch]
+        return family, peers.package_version(package)
+    if arch.startswith("transformer_lm"):
+        import fairseq
+
+        return "vanilla", f"fairseq=={fairseq.__version__}"
+    for family in ("bottom_up", "top_down", "retina"):
+        if family in arch:
+            return family, "ours"
+    raise ValueError(f"no family known for --arch {arch}")
+
+
 def train_command(opts, name, model_args):
     save_dir = os.path.join(opts.save_root, name)
     return [
-        fairseq_script("fairseq-train"), opts.data, "--user-dir", os.path.join(REPO, "fairseq_msformer"),
+        fairseq_script("fairseq-train"), opts.data, "--user-dir", user_dir(model_args),
         "--task", "multiscale_language_modeling", "--cpu", *model_args,
         "--tokens-per-sample", str(opts.tokens_per_sample), "--sample-break-mode", "none",
         "--max-tokens", str(opts.max_tokens), "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp",
@@ -259,14 +322,17 @@ def parse_eval(output):
 
 
 # ---------------------------------------------------------------- measuring a trained model
-def activation_memory(checkpoint, data, tokens_per_sample, max_tokens, threads):
+def activation_memory(checkpoint, data, tokens_per_sample, max_tokens, threads, model_user_dir=None):
     """MiB saved for backward by one training step (the checkpoint's model and criterion, train mode) on a batch
     of the training shape (max_tokens / T sequences of T tokens from the validation set), the parameter count and
     the number of layers. Run it in a fresh process (benchmark.in_fresh_process): it loads a whole model."""
     import torch
     from benchmark import count_layers, saved_bytes  # (benchmark puts the repository on sys.path)
     import fairseq_msformer  # noqa: F401  (registers msformer_lm and the task)
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils, utils
+
+    if model_user_dir:  # the peers' models
+        utils.import_user_module(argparse.Namespace(user_dir=model_user_dir))
 
     torch.set_num_threads(threads)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
@@ -293,19 +359,19 @@ def activation_memory(checkpoint, data, tokens_per_sample, max_tokens, threads):
             "layers": count_layers(model)}
 
 
-def measure(opts, checkpoint):
+def measure(opts, checkpoint, model_user_dir=None):
     """activation_memory in a fresh process."""
     from benchmark import in_fresh_process
 
     result, error = in_fresh_process(activation_memory, checkpoint, opts.data, opts.tokens_per_sample,
-                                     opts.max_tokens, opts.threads)
+                                     opts.max_tokens, opts.threads, model_user_dir)
     if error:
         raise RuntimeError(f"measuring {checkpoint} failed ({error})")
     return result
 
 
-def evaluate(opts, checkpoint, split, env):
-    command = [fairseq_script("fairseq-eval-lm"), opts.data, "--user-dir", os.path.join(REPO, "fairseq_msformer"),
+def evaluate(opts, checkpoint, split, env, model_user_dir=os.path.join(REPO, "fairseq_msformer")):
+    command = [fairseq_script("fairseq-eval-lm"), opts.data, "--user-dir", model_user_dir,
                "--task", "multiscale_language_modeling", "--cpu", "--path", checkpoint, "--gen-subset", split,
                "--tokens-per-sample", str(opts.tokens_per_sample), "--context-window", str(opts.context_window),
                "--max-tokens", str(4 * opts.max_tokens), "--num-workers", "0"]
@@ -329,9 +395,10 @@ def run_model(opts, name, model_args, layout, env):
               "train_seconds": train_seconds, "train_tokens": tokens,
               "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
               "peak_rss_mib": peak_mib, "process_seconds_last_run": seconds}
-    result.update(measure(opts, checkpoint))
+    result.update(measure(opts, checkpoint, user_dir(model_args)))
     for split in ("valid", "test"):
-        result[f"{split}_ppl"], result[f"{split}_eval_tokens_per_s"] = evaluate(opts, checkpoint, split, env)
+        result[f"{split}_ppl"], result[f"{split}_eval_tokens_per_s"] = evaluate(opts, checkpoint, split, env,
+                                                                                user_dir(model_args))
     print(f"   {name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
           f"{result['params'] / 1e6:.2f}M params, {result['activation_mib']:.1f} MiB saved for backward, "
           f"{result['train_tokens_per_s']:.0f} train tokens/s", flush=True)
@@ -361,11 +428,13 @@ def seconds_to_reach(curve, ppl):
 def table(results, opts):
     base = results.get(BASELINE)
     equal_wall = min(r["train_seconds"] for r in results.values())
+    peers_table = all("implementation" in r for r in results.values())
     lines = [
-        f"| model | layers | params | valid ppl | test ppl | valid ppl at {equal_wall / 60:.1f} min | "
+        f"| model | {'family | implementation | ' if peers_table else ''}layers | params | valid ppl | test ppl | "
+        f"valid ppl at {equal_wall / 60:.1f} min | "
         f"min to {BASELINE}'s final valid ppl | activation MiB | peak RSS MiB | train tokens/s | eval tokens/s | "
         f"train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peers_table else ""),
     ]
     target = base["curve"][-1]["valid_ppl"] if base and base["curve"] else None
     for r in results.values():
@@ -374,7 +443,7 @@ def table(results, opts):
         at_wall = ppl_at_seconds(r["curve"], equal_wall)
         reach = seconds_to_reach(r["curve"], target) if target else None
         lines.append(
-            f"| {r['name']} | {r['layout']} | {r['params'] / 1e6:.2f}M | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
+            f"| {r['name']} | {peer_columns(r) if peers_table else ''}{r['layout']} | {r['params'] / 1e6:.2f}M | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
             f"{'-' if at_wall is None else f'{at_wall:.2f}'} | {'-' if reach is None else f'{reach / 60:.1f}'} | "
             f"{r['activation_mib']:.1f}{ratio('activation_mib')} | {r['peak_rss_mib']:.0f}{ratio('peak_rss_mib')} | "
             f"{r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} | "
@@ -390,6 +459,49 @@ def table(results, opts):
              f"in-training validation (no context window), linear between validations every {opts.validate_every} "
              f"updates.\n")
     return "\n".join(lines) + "\n" + notes
+
+
+def peer_columns(r):
+    reused = f" (from {os.path.dirname(os.path.dirname(r['reused_from']))})" if r.get("reused_from") else ""
+    return f"{r['family']} | {r['implementation']}{reused} | "
+
+
+def plot_frontier(results, out):
+    """Valid perplexity against activation memory and against training time: the vanilla frontier (transformer_lm
+    by depth) as a line, every other model a point coloured by family, ours filled, outside implementations hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"vanilla": "tab:gray", "bottom_up": "tab:blue", "top_down": "tab:orange", "retina": "tab:green"}
+    frontier = [results[n] for n in FRONTIER if n in results]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, key, scale, label in ((axes[0], "activation_mib", 1.0, "activation memory: MiB saved for backward per step"),
+                                  (axes[1], "train_seconds", 1 / 60, "training minutes (train steps only)")):
+        points = sorted((r[key] * scale, r["valid_ppl"], r["layers"], r["params"]) for r in frontier)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="black", lw=1.5, ms=5,
+                label="transformer_lm at 2/4/6/8 layers (vanilla frontier)")
+        for x, y, layers, params in points:
+            ax.annotate(f"{layers}L, {params / 1e6:.2f}M", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for r in results.values():
+            if r["name"] in FRONTIER:
+                continue
+            ours = r["implementation"] == "ours"
+            colour = colours[r["family"]]
+            ax.scatter(r[key] * scale, r["valid_ppl"], s=55, marker="o" if ours else "s",
+                       facecolors=colour if ours else "none", edgecolors=colour, linewidths=1.5,
+                       label=f"{r['name']} ({r['family']}, {'ours' if ours else r['implementation']}, "
+                             f"{r['params'] / 1e6:.2f}M params)")
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("validation perplexity (fairseq-eval-lm)")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle("Against the vanilla frontier (lower left is better): filled = ours, hollow squares = outside "
+                 "implementations")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def palette(n):
@@ -467,13 +579,38 @@ def main(argv=None):
         if old and old.get("settings") == settings and old.get("train_args") == model_args:
             print(f"== {name}: done earlier ({path}), skipped", flush=True)
             continue
-        print(f"[{i}/{len(models)}] {time.perf_counter() - start:.0f}s so far", flush=True)
-        result = run_model(opts, name, model_args, layout, env)
-        result["settings"], result["threads"] = settings, opts.threads
+        result = same_run_in_main(opts, name, model_args)
+        if result:
+            print(f"== {name}: same options and settings as {result['reused_from']}, taken from there", flush=True)
+        else:
+            print(f"[{i}/{len(models)}] {time.perf_counter() - start:.0f}s so far", flush=True)
+            result = run_model(opts, name, model_args, layout, env)
+            result["threads"] = opts.threads
+        result["settings"] = settings
+        result["family"], result["implementation"] = family_and_implementation(model_args)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)  # a crash never leaves a half-written result
     report(opts)
+
+
+def comparable(settings):
+    """Settings that decide a run's numbers: all but the suite's name; the corpus as a path inside the repository."""
+    same = {k: v for k, v in settings.items() if k != "suite"}
+    same["data"] = os.path.relpath(os.path.realpath(settings["data"]), REPO)
+    return same
+
+
+def same_run_in_main(opts, name, model_args):
+    """For the peers suite: the main suite's finished run of this model if its options and settings are the same
+    (then it is the same experiment), else None."""
+    path = os.path.join(REPO, "docs", "main", "runs", name + ".json")
+    if opts.suite != "peers" or opts.quick or not os.path.exists(path):
+        return None
+    main_run = json.load(open(path))
+    if main_run.get("train_args") != model_args or comparable(main_run["settings"]) != comparable(settings_of(opts)):
+        return None
+    return {**main_run, "reused_from": os.path.relpath(path, REPO)}
 
 
 def report(opts):
@@ -487,11 +624,14 @@ def report(opts):
                 results[name] = result
     if not results:
         return
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # a peer package turns the root logger to DEBUG
     with open(os.path.join(opts.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(table(results, opts))
     plot(results, opts.out)
+    if any(name in results for name in FRONTIER) and any("implementation" in r for r in results.values()):
+        plot_frontier(results, opts.out)
     print("\n" + table(results, opts) + f"\nwritten to {opts.out}", flush=True)
 
 
