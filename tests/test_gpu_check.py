@@ -15,6 +15,8 @@ import torch
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "experiments", "gpu_check.py")
+sys.path.insert(0, os.path.dirname(SCRIPT))
+import gpu_check  # noqa: E402
 PEAK_TFLOPS = 0.5  # a stand-in peak: the CPU has no entry in the bf16 table, and MFU must still be computed
 UPDATES, LOG_INTERVAL, LENGTH = 8, 2, 128
 C, F, LAYERS, HEADS = 32, 64, 2, 2
@@ -110,12 +112,12 @@ def test_torchrun_ranks_train_like_one_process(checked):
     assert "## torchrun, gloo" in report
 
 
-def test_preconditions_stop_with_one_line_each(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cuda", "--data", tmp_path, "--out", tmp_path / "out"],
-                          capture_output=True, text=True, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and not (tmp_path / "out").exists(), proc.stderr
-    assert all(line.startswith("gpu_check: ") for line in lines), lines  # no traceback
-    assert f"gpu_check: corpus incomplete: {tmp_path / 'dict.txt'} is missing" in proc.stderr
+def test_preconditions_stop_with_one_line_each(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--device", "cuda", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and not (tmp_path / "out").exists()
+    assert all(line.startswith("gpu_check: ") for line in lines), lines  # one line each, no traceback
+    assert f"gpu_check: corpus incomplete: {tmp_path / 'dict.txt'} is missing" in lines[-1]
     if not torch.cuda.is_available():
-        assert "gpu_check: --device cuda, but torch" in proc.stderr
+        assert lines[0].startswith("gpu_check: --device cuda, but torch") and len(lines) == 2, lines

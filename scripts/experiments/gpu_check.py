@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -763,7 +764,10 @@ def markdown(results):
                    f"{t['backend']}; max |loss difference| {fmt(t.get('max_loss_difference'), '.3g')}, max "
                    f"|parameter difference| {fmt(t.get('max_parameter_difference'), '.3g')} (tolerances "
                    f"{t['loss_tolerance']:g} and {t['parameter_tolerance']:g}); rank 0 peak {fmt(t['peak_mib'])} MiB; {t['seconds']:.0f} s. "
-                   f"Error: {t['error'] or 'none'}.\n")
+                   f"Error: {t['error'] or 'none'}." + (
+                       " With one rank fairseq does not wrap the model in DistributedDataParallel: the process group's "
+                       "set-up and fairseq's first all_reduce ran over it, gradient all-reduce needs 2 GPUs."
+                       if t["world_size"] == 1 else "") + "\n")
     return "\n".join(out)
 
 
@@ -822,7 +826,7 @@ def main(argv=None):
                 stages[name] = dict(error=f"{type(e).__name__}: {e}", crashed=True)
     shutil.rmtree(runner.scratch, ignore_errors=True)
     results = dict(device=info, started=started,
-                   wall_s=runner.elapsed(), command=" ".join(["gpu_check.py", *(argv or sys.argv[1:])]),
+                   wall_s=runner.elapsed(), command=shlex.join(["gpu_check.py", *(argv or sys.argv[1:])]),
                    options={k: v for k, v in vars(opts).items()}, stages=stages, failures=failures_of(stages))
     with open(os.path.join(opts.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
