@@ -80,7 +80,8 @@ PROFILES = {
     "cuda": dict(dim=512, ffn=2048, heads=8, layers=14, bottom_up_options="", top_down_options="",
                  retina_windows="64,256,-1", precisions=["bf16", "fp16", "amp"],
                  adaptive_runs=["transformer_lm:fp16", "bottom_up:fp16"], tokens_per_sample=512, max_tokens=16384,
-                 updates=200, log_interval=20, lr=5e-4, warmup=50, bench_lengths=[2048, 4096, 8192], profile_length=4096,
+                 updates=200, log_interval=20, lr=5e-4, warmup=50, bench_lengths=[2048, 4096, 8192],
+                 profile_length=4096,
                  bench_dtype="bfloat16", repeats=3, torchrun_precision="bf16", torchrun_updates=20, run_timeout=120,
                  bench_timeout=240, budget=450),
     "cpu": dict(dim=32, ffn=64, heads=2, layers=2, bottom_up_options="scale_layers=1,1 token_layers=1",
@@ -92,11 +93,12 @@ PROFILES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("\n"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where everything runs (default cuda)")
     p.add_argument("--out", help="results folder (default docs/gpu/<device name>/)")
-    p.add_argument("--data", default=os.path.join(REPO, "data-bin", "pydoc"), help="binarized corpus (fairseq-preprocess)")
+    p.add_argument("--data", default=os.path.join(REPO, "data-bin", "pydoc"),
+                   help="binarized corpus (fairseq-preprocess; default the shipped data-bin/pydoc)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default all)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                    help="models trained and benchmarked (transformer_lm is the yardstick of the ratios)")
@@ -126,7 +128,8 @@ def parse_args(argv=None):
     bench = p.add_argument_group("bench stage")
     bench.add_argument("--bench-lengths", type=int, nargs="+", help="sample lengths T (GPU: 2048 4096 8192)")
     bench.add_argument("--bench-batch-size", type=int, default=1, help="batch size of the benchmark (default 1)")
-    bench.add_argument("--bench-dtype", choices=["float32", "bfloat16", "float16"], help="benchmark dtype (GPU bfloat16)")
+    bench.add_argument("--bench-dtype", choices=["float32", "bfloat16", "float16"],
+                       help="benchmark dtype (GPU bfloat16)")
     bench.add_argument("--repeats", type=int, help="timed benchmark steps per point (median)")
     bench.add_argument("--profile-length", type=int, help="T of the profiled step (GPU 4096)")
     bench.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak in TFLOP/s (default: table)")
@@ -621,7 +624,7 @@ def stage_torchrun(opts, runner):
                   precision=opts.torchrun_precision, ranks_error=ranks["error"], single_error=single["error"],
                   seconds=round(ranks["seconds"] + single["seconds"], 1), rank_losses=rank_losses,
                   single_losses=single_losses,
-                  init_logged=f"distributed init (rank 0): env://" in ranks["log"], peak_mib=rank0.get("peak_mib"))
+                  init_logged="distributed init (rank 0): env://" in ranks["log"], peak_mib=rank0.get("peak_mib"))
     if rank_losses and len(rank_losses) == len(single_losses):
         result["max_loss_difference"] = max(abs(a - b) for a, b in zip(rank_losses, single_losses))
     try:
@@ -763,7 +766,8 @@ def markdown(results):
                    f"{t['precision']}, {len(t['rank_losses'])} updates, dropout 0. Process group backend seen: "
                    f"{t['backend']}; max |loss difference| {fmt(t.get('max_loss_difference'), '.3g')}, max "
                    f"|parameter difference| {fmt(t.get('max_parameter_difference'), '.3g')} (tolerances "
-                   f"{t['loss_tolerance']:g} and {t['parameter_tolerance']:g}); rank 0 peak {fmt(t['peak_mib'])} MiB; {t['seconds']:.0f} s. "
+                   f"{t['loss_tolerance']:g} and {t['parameter_tolerance']:g}); rank 0 peak {fmt(t['peak_mib'])} MiB; "
+                   f"{t['seconds']:.0f} s. "
                    f"Error: {t['error'] or 'none'}." + (
                        " With one rank fairseq does not wrap the model in DistributedDataParallel: the process group's "
                        "set-up and fairseq's first all_reduce ran over it, gradient all-reduce needs 2 GPUs."
