@@ -37,11 +37,11 @@ from conftest import CORPUS, REPO, USER_DIR
 from test_cli import FAMILIES, TASK, checkpoint_weights, max_difference
 from test_resume import EPSILON, TRANSFORMER_LM
 
-UPDATES = 14  # every run stops here
+UPDATES = 16  # every run stops here
 SAVE_EVERY = 2  # --save-interval-updates: every 2 updates a validation, then checkpoint_1_N.pt, copied to _best, _last
 FIRST_KILL = 4  # kills are at updates 4, 6, ...: after the first checkpoint, so every start after a kill resumes
 KINDS = ("update", "validation", "save", "checkpoint_last")  # save: up to its first file; then its copy to _last
-MAX_KILLS = (UPDATES - FIRST_KILL) // SAVE_EVERY  # 5: each kind once, and one more for a kill that missed its phase
+MAX_KILLS = (UPDATES - FIRST_KILL) // SAVE_EVERY  # 6: each kind once, and two more for kills that missed their phase
 FAIRSEQ_ALONE = ["--task", "language_modeling", "--cpu"]  # no --user-dir: fairseq's own checkpointing
 
 FORK_SERVER = r"""
@@ -339,36 +339,37 @@ def test_fairseq_alone_loses_checkpoint_last_to_a_kill_during_its_copy(server, d
 
 
 def measure(kills):
-    """Kills at uniformly random moments of a save (from its first log line to its last, as long as the saves of an
-    uninterrupted run take), `kills` times with fairseq alone and as many with the plugin loaded, same model and
-    task; prints how many landed in the save and how many of those lost checkpoint_last.pt or checkpoint_best.pt."""
+    """Kills at uniformly random moments from the first log line of a save to a quarter past the longest save of an
+    uninterrupted run, `kills` times with fairseq alone and as many with the plugin loaded (same model and task);
+    prints where they landed and how many lost checkpoint_last.pt or checkpoint_best.pt."""
     import tempfile
     server, rng = ForkServer(), random.Random("measure")
     with tempfile.TemporaryDirectory() as root:
         data = subset(CORPUS, f"{root}/data", {"train": 2000, "valid": 40})
-        for setting, task_flags in (("fairseq alone", FAIRSEQ_ALONE), ("plugin loaded", ["--user-dir", USER_DIR,
-                                                                                           *FAIRSEQ_ALONE])):
+        for setting, task_flags in (("fairseq alone", FAIRSEQ_ALONE),
+                                    ("plugin loaded", ["--user-dir", USER_DIR, *FAIRSEQ_ALONE])):
             code, lines = server.run(train_argv(data, f"{root}/{setting}", TRANSFORMER_LM, task_flags),
                                      f"{root}/{setting}.log")
             assert code == 0, tail(lines)
             saves = spans(lines, r"Preparing to save checkpoint", r"Saved checkpoint ")
-            window = sorted(saves)[len(saves) // 2]
-            landed, lost = 0, {"checkpoint_last.pt": 0, "checkpoint_best.pt": 0}
+            landed = {"save": 0, "copies": 0, "after it": 0}
+            lost = {"checkpoint_last.pt": 0, "checkpoint_best.pt": 0}
             for i in range(kills):
                 save_dir = f"{root}/{setting}{i}"
-                kill = Kill("save", FIRST_KILL, delay=rng.uniform(0, window))
                 argv = train_argv(data, save_dir, TRANSFORMER_LM, task_flags)
+                kill = Kill("save", FIRST_KILL, delay=rng.uniform(0, 1.25 * max(saves)))
                 code, lines = server.run(argv, f"{save_dir}.log", kill)
-                if code != -signal.SIGKILL or phase_at_end(lines) not in ("save", "copies"):
-                    continue  # the save was over before the kill
-                landed += 1
+                assert code == -signal.SIGKILL, tail(lines)
+                phase = phase_at_end(lines)
+                landed[phase if phase in landed else "after it"] += 1
                 for name in lost:
                     try:
                         checkpoint_updates(os.path.join(save_dir, name))
                     except Exception:
                         lost[name] += 1
-            print(f"{setting}: saves of {min(saves) * 1000:.0f}-{max(saves) * 1000:.0f} ms; of {kills} kills, {landed} "
-                  f"landed in the save; lost: " + ", ".join(f"{name} {count}" for name, count in lost.items()))
+            print(f"{setting}: saves of {min(saves) * 1000:.0f}-{max(saves) * 1000:.0f} ms; {kills} kills, landed in "
+                  f"the first file's write {landed['save']}, in the copies {landed['copies']}, after the save "
+                  f"{landed['after it']}; lost " + ", ".join(f"{name} {count}" for name, count in lost.items()))
     server.close()
 
 
