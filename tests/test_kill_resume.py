@@ -5,8 +5,8 @@ after every kill every checkpoint file loads and checkpoint_last.pt holds the ne
 
 The moments are aimed, not left to luck. The harness follows the run's log as it is written and kills at a seeded
 random delay after the line that opens the phase: into an update, a validation, or a checkpoint's save (at most
-half the phase's shortest duration in the uninterrupted run). The copy of a checkpoint to checkpoint_last.pt lasts
-about a millisecond, too short to aim at from outside, so it has a breakpoint: the run's os.sendfile (what
+half the phase's shortest duration in the uninterrupted run). The copy of a checkpoint to checkpoint_last.pt takes
+a few milliseconds, too short to aim at from outside, so it has a breakpoint: the run's os.sendfile (what
 shutil.copyfile copies with) stops after a random part of the bytes and waits there for the kill. Afterwards the
 log says where each kill landed, and every kind of moment must have been hit for every family.
 
