@@ -107,6 +107,25 @@ def test_every_trunk_parameter_learns(name):
     assert not dead, f"{name}: no gradient reaches {dead}"
 
 
+def test_benchmark_measures_peers_as_it_measures_ours():
+    """benchmark.py's peer columns: a cached peer decodes through its cache, one without recomputes the prefix
+    (and says so); both train with bytes saved for backward, and their layout names the package version."""
+    opts = benchmark.parse_args(["--models", "peer_local", "peer_xtransformers", "--dim", "32", "--ffn", "128",
+                                 "--heads", "2", "--layers", "2", "--vocab", "50", "--lengths", "32",
+                                 "--retina-lengths", "--generate-lengths", "16", "--repeats", "1",
+                                 "--generate-steps", "2", "--retina-windows", "8,32,-1"])
+    results = []
+    for name, recomputes in (("peer_local", True), ("peer_xtransformers", False)):
+        generated = benchmark.measure(name, "generate", 16, vars(opts))
+        assert generated.get("recomputes_prefix", False) is recomputes and generated["ms_per_token"] > 0
+        trained = benchmark.measure(name, "train", 32, vars(opts))
+        assert trained["saved_mib"] > 0 and trained["params"] > 0
+        assert trained["layout"].startswith(peers.package_version(peers.PEERS[name][1]))
+        results += [generated, trained]
+    table = benchmark.markdown(results, opts)
+    assert "(* peer_local: no decoding cache" in table and table.count("*") - table.count("**") * 2 == 2, table
+
+
 # ---------------------------------------------------------------- fairseq-train + fairseq-eval-lm, every peer
 def cli_options(options):
     return [a for k, v in options.items() for a in (

@@ -7,6 +7,8 @@ preset, dataclass defaults, then Model.build_model(args, task)):
   bottom_up       --bottom-up-arch (default msformer_lm_bottom_up_paper, 30 layers)
   top_down        --top-down-arch (default msformer_lm_top_down_paper, 30 layers)
   retina          msformer_lm_retina with L token layers, --retina-windows
+  peer_*          outside implementations (scripts/peers; make peers), each at the layout of its family's model
+                  here (PEER_LAYOUTS; --peer-options to change): `--models peers` adds all six as columns
 For each model and sample length T (retina also at --retina-lengths), one fresh child process measures:
   params          parameters, embeddings and softmax included
   saved MiB       bytes autograd saves for backward in one training step (forward, cross-entropy, backward), each
@@ -16,7 +18,9 @@ For each model and sample length T (retina also at --retina-lengths), one fresh 
   train tok/s     B * T / median step time of --repeats training steps after one warm-up
   eval tok/s      fairseq-eval-lm's scoring: forward (no grad) + log-probs of the targets, B * T / median time
   gen ms/token    incremental decoding (fairseq's SequenceGenerator step: decoder on the whole prefix with
-                  incremental_state, log-probs of the newest position) after a prefix of --generate-lengths
+                  incremental_state, log-probs of the newest position) after a prefix of --generate-lengths; a
+                  peer without a decoding cache recomputes the prefix at every step (what its wrapper does), so
+                  its step is timed as one full pass over the prefix, and the table marks it
 Writes benchmark.json, benchmark.md and two PNGs (memory and speed against T) to --out, and checks the targets for
 the paper presets at --target-length: at most 0.70x transformer_lm's saved MiB and at least 2x its train tok/s.
 
@@ -43,10 +47,32 @@ FAMILIES = ("bottom_up", "top_down", "retina")
 MODES = ("train", "eval", "generate")
 
 
+def peer_layouts(opts):
+    """Each peer (scripts/peers) at the layout of its family's model in this benchmark: the paper presets' 30
+    layers for the pooling peers (12 at /4 + 14 at /16 + 4 token; 14 at /16 + 12 at /4 + 4 token), L layers for the
+    retina and vanilla peers, windows as --retina-windows' full-resolution W."""
+    window = int(opts.retina_windows.split(",")[0])
+    return {
+        "peer_hourglass": dict(hourglass_shorten_factors="4,4", hourglass_layers="0,12,14,0,4"),
+        "peer_hierarchical": dict(sht_depth=10, sht_hierarchies="1,4,16"),  # 10 layers x 3 hierarchies = 30 blocks
+        "peer_megabyte": dict(megabyte_layers="14,12,4", megabyte_patch_sizes="4,4"),
+        "peer_nsa": dict(nsa_layers=opts.layers, nsa_sliding_window=window, nsa_compress_block=16,
+                         nsa_compress_stride=16, nsa_selection_block=16, nsa_selected_blocks=4),
+        "peer_local": dict(local_layers=opts.layers, local_window=window),
+        "peer_xtransformers": dict(xt_layers=opts.layers),
+    }
+
+
+PEER_MODELS = ("peer_hourglass", "peer_hierarchical", "peer_megabyte", "peer_nsa", "peer_local", "peer_xtransformers")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=[BASELINE, *FAMILIES], choices=[BASELINE, *FAMILIES])
+    p.add_argument("--models", nargs="+", default=[BASELINE, *FAMILIES], choices=[BASELINE, *FAMILIES, *PEER_MODELS, "peers"],
+                   help="models as columns; 'peers' stands for every outside implementation (make peers)")
+    p.add_argument("--peer-options", default="", help="override the peers' layouts: "
+                                                      "'peer_nsa.nsa_selected_blocks=8 peer_local.local_window=256'")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="what to measure")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="sample lengths T")
     p.add_argument("--retina-lengths", type=int, nargs="*", default=[8192], help="further lengths, retina only")
@@ -73,7 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--target-length", type=int, default=2048, help="T at which the paper presets' targets apply")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "benchmark"), help="results folder")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    opts.models = list(dict.fromkeys(m for name in opts.models for m in (PEER_MODELS if name == "peers" else [name])))
+    return opts
 
 
 # ---------------------------------------------------------------- building models the way fairseq does
@@ -107,6 +135,8 @@ def build(name, opts, task, max_positions):
 
     options = dict(decoder_embed_dim=opts.dim, decoder_ffn_embed_dim=opts.ffn, decoder_attention_heads=opts.heads,
                    dropout=0.0, max_target_positions=max_positions, tokens_per_sample=max_positions)
+    if name in PEER_MODELS:
+        return build_peer(name, opts, task, options)
     if name == BASELINE:
         args = argparse.Namespace(**options, decoder_layers=opts.layers, decoder_input_dim=opts.dim,
                                   decoder_output_dim=opts.dim, decoder_normalize_before=True)
@@ -128,6 +158,32 @@ def build(name, opts, task, max_positions):
     fill_dataclass_defaults(args, MsformerLMConfig)
     model = MsformerLanguageModel.build_model(args, task)
     return model, f"{arch}: {count_layers(model)} layers ({layout(args)})"
+
+
+def build_peer(name, opts, task, options):
+    """An outside implementation through its fairseq wrapper (scripts/peers), built as fairseq builds it."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import peers
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    options.update(peer_layouts(opts)[name])
+    for item in opts.peer_options.split():  # peer.key=value
+        target, _, assignment = item.partition(".")
+        key, _, value = assignment.partition("=")
+        if target == name:
+            options[key] = int(value) if value.isdigit() else value
+    model_cls = ARCH_MODEL_REGISTRY[name]
+    args = argparse.Namespace(**options)
+    fill_dataclass_defaults(args, model_cls.__dataclass)
+    model = model_cls.build_model(args, task)
+    body = model.decoder.body
+    implementation = peers.package_version(peers.PEERS[name][1])
+    return model, f"{implementation}: {body.layout} ({body.layers} attention+FFN blocks)"
+
+
+def recomputes_prefix(model):
+    """True for a peer whose wrapper has no decoding cache (each generation step is a full pass)."""
+    return getattr(getattr(model.decoder, "body", None), "has_cache", True) is False
 
 
 def count_layers(model):
@@ -240,6 +296,20 @@ def measure(name, mode, length, opts_dict):
             log_probs_of_targets(model, tokens)  # warm-up
             seconds = timed(lambda: log_probs_of_targets(model, tokens), opts.repeats, opts.device)
         result["tokens_per_s"] = opts.batch_size * length / seconds
+    elif recomputes_prefix(model):  # generate, no cache: a step is the whole prefix again, newest position scored
+        model.eval()
+        result["recomputes_prefix"] = True
+        with torch.no_grad():
+            samples = []
+            for i in range(opts.generate_steps + 2):
+                start = time.perf_counter()
+                out = model.decoder(tokens[:, :length])  # the step after a prefix of T - 1 tokens
+                model.get_normalized_probs((out[0][:, -1:], out[1]), log_probs=True)
+                if opts.device == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 2:  # two warm-up steps
+                    samples.append(time.perf_counter() - start)
+        result["ms_per_token"] = 1e3 * statistics.median(samples)
     else:  # generate: fill the cache to the prefix, then time single-token steps
         model.eval()
         state = {}
@@ -310,6 +380,7 @@ def markdown(results, opts):
     layouts = {r["model"]: (r.get("layout"), r.get("params")) for r in results if "layout" in r}
     out.append("| model | layout | params |\n|---|---|---|")
     out += [f"| {n} | {layouts[n][0]} | {layouts[n][1] / 1e6:.2f}M |" for n in names if n in layouts]
+    recompute = sorted({r["model"] for r in results if r.get("recomputes_prefix")})
 
     def cell(name, mode, length, key, fmt):
         r = by.get((name, mode, length))
@@ -317,7 +388,7 @@ def markdown(results, opts):
             return "-" if r is None else "error"
         base = by.get((BASELINE, mode, length), {}).get(key)
         ratio = f" ({r[key] / base:.2f}x)" if base and name != BASELINE else ""
-        return format(r[key], fmt) + ratio
+        return format(r[key], fmt) + ratio + ("*" if r.get("recomputes_prefix") else "")
 
     sections = [("train", "saved_mib", ".1f", "MiB saved for backward (training step)"),
                 ("train", "peak_mib", ".0f", "peak MiB (" + ("CUDA allocation" if opts.device == "cuda"
@@ -329,7 +400,12 @@ def markdown(results, opts):
         lengths = sorted({r["length"] for r in results if r["mode"] == mode})
         if not lengths:
             continue
-        out.append(f"\n**{title}**\n\n| T | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        note = ""
+        if mode == "generate" and recompute:
+            note = (f" (* {', '.join(recompute)}: no decoding cache, every step recomputes the prefix: timed as one "
+                    f"full pass over it)")
+        header = [f"{n} ({layouts[n][1] / 1e6:.2f}M)" if n in layouts else n for n in names]  # parameters
+        out.append(f"\n**{title}**{note}\n\n| T | " + " | ".join(header) + " |\n|---|" + "---|" * len(names))
         out += [f"| {L} | " + " | ".join(cell(n, mode, L, key, fmt) for n in names) + " |" for L in lengths]
     return "\n".join(out) + "\n"
 
