@@ -468,7 +468,8 @@ def peer_columns(r):
 
 def plot_frontier(results, out):
     """Valid perplexity against activation memory and against training time: the vanilla frontier (transformer_lm
-    by depth) as a line, every other model a point coloured by family, ours filled, outside implementations hollow."""
+    by depth) as a line, every other model a point coloured by family, ours filled, outside implementations hollow
+    (one marker per model within a family)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,12 +485,14 @@ def plot_frontier(results, out):
                 label="transformer_lm at 2/4/6/8 layers (vanilla frontier)")
         for x, y, layers, params in points:
             ax.annotate(f"{layers}L, {params / 1e6:.2f}M", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        seen = {}  # (family, ours) -> models drawn so far: each gets its own marker
         for r in results.values():
             if r["name"] in FRONTIER:
                 continue
             ours = r["implementation"] == "ours"
             colour = colours[r["family"]]
-            ax.scatter(r[key] * scale, r["valid_ppl"], s=55, marker="o" if ours else "s",
+            index = seen[(r["family"], ours)] = seen.get((r["family"], ours), -1) + 1
+            ax.scatter(r[key] * scale, r["valid_ppl"], s=55, marker="oDv^<>"[index % 6] if ours else "sPX*h8"[index % 6],
                        facecolors=colour if ours else "none", edgecolors=colour, linewidths=1.5,
                        label=f"{r['name']} ({r['family']}, {'ours' if ours else r['implementation']}, "
                              f"{r['params'] / 1e6:.2f}M params)")
@@ -497,8 +500,8 @@ def plot_frontier(results, out):
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("validation perplexity (fairseq-eval-lm)")
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.suptitle("Against the vanilla frontier (lower left is better): filled = ours, hollow squares = outside "
-                 "implementations")
+    fig.suptitle("Against the vanilla frontier (lower left is better): filled = ours, hollow = outside "
+                 "implementations; colour = family")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "frontier.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
