@@ -36,6 +36,15 @@ demo: install
 test: install peers
 	$(PY) -m pytest tests -q
 
+# The edit-test loop (under 2 minutes on 2 cores): the test files that build models in this process and start no
+# process (no fairseq CLI, no script): leaks, influence, incremental decoding, retina, precision, options.
+# The planted bugs (scripts/checks/planted_bugs.py) run these same files.
+FAST_TESTS := tests/test_causality.py tests/test_influence.py tests/test_incremental.py tests/test_retina.py \
+              tests/test_precision.py tests/test_options.py
+.PHONY: test-fast
+test-fast: install
+	$(PY) -m pytest $(FAST_TESTS) -q
+
 # the paper's trade-off in miniature (scripts/experiments/reproduce.py; resumable, about an hour on a 2-core CPU)
 reproduce: install
 	$(PY) scripts/experiments/reproduce.py --suite main

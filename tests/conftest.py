@@ -49,6 +49,13 @@ from fairseq_msformer.models.msformer_lm import MsformerLanguageModel  # noqa: E
 
 assert os.path.dirname(fairseq_msformer.__file__) == USER_DIR
 
+# One intra-op thread, here and in every fairseq CLI the tests start (OMP_NUM_THREADS, if set, wins): the tests'
+# models are tiny, so an op takes microseconds and a second thread only adds synchronisation, and on a busy machine
+# waits of milliseconds for a descheduled thread (the in-process sampling tests ran 7x slower with 2 threads than
+# with 1 on a loaded 2-core machine; a tiny fairseq-train's training loop 3-5x).
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(THREADS))
+
 WIKITEXT103_TYPES = 267_744  # fairseq's WikiText-103 dictionary (specials included), for the _wiki103 presets/configs
 TINY_SIZES = dict(decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=2, dropout=0.0)
 
@@ -194,7 +201,7 @@ def fairseq_cli(name, *args, cwd=None, check=True, stdin=None, timeout=600):
     """Run a fairseq console script (or `python script.py ...` with name = this interpreter's basename) from this
     interpreter's environment; returns the CompletedProcess."""
     exe = os.path.join(os.path.dirname(sys.executable), name)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     command = [exe, *map(str, args)]
     server, request = forked(command, env)
     if server is not None:
