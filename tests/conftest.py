@@ -12,6 +12,7 @@ train(corpus, save_dir, FAMILIES[family], updates, *flags) is fairseq-train with
 
 Session fixtures any test file may use:
     corpus            the shipped corpus, data-bin/pydoc
+    small_corpus      its first 400 train, 40 valid and 40 test lines, same dictionary (corpus_subset makes others)
     tiny_checkpoint   tiny_checkpoint(family) -> TinyCheckpoint(save_dir, path, log): a tiny model of
                       FAMILIES[family] ("bottom_up", "bottom_up_adaptive", "top_down_adaptive", "retina") trained
                       by fairseq-train for TINY_UPDATES updates on the shipped corpus, validated, once per session
@@ -34,6 +35,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from fairseq.data import data_utils, indexed_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_msformer")  # the same path the tests import the package from
@@ -259,6 +261,28 @@ def corpus():
     if not os.path.exists(os.path.join(CORPUS, "dict.txt")):
         pytest.fail(f"the shipped corpus is missing: {CORPUS} (rebuild with scripts/data/prepare_pydoc.sh)")
     return CORPUS
+
+
+def corpus_subset(corpus, folder, splits: dict):
+    """A binarized corpus in `folder` with `corpus`'s dictionary; splits: {split: (split of corpus, n)}, each the
+    first n lines of that split (each ending with eos, as fairseq-preprocess writes them). Returns folder."""
+    os.makedirs(folder, exist_ok=True)
+    os.symlink(os.path.join(corpus, "dict.txt"), os.path.join(folder, "dict.txt"))
+    for split, (source, count) in splits.items():
+        lines = data_utils.load_indexed_dataset(os.path.join(corpus, source), None)
+        builder = indexed_dataset.make_builder(os.path.join(folder, f"{split}.bin"), impl="mmap", vocab_size=50000)
+        for i in range(count):
+            builder.add_item(lines[i])
+        builder.finalize(os.path.join(folder, f"{split}.idx"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_corpus(corpus, tmp_path_factory):
+    """The shipped corpus cut down for tests that run a whole pipeline (train, validate, score every token): the
+    first 400 train lines (~9k tokens), 40 valid and 40 test lines (~1k tokens each), the full dictionary."""
+    return corpus_subset(corpus, tmp_path_factory.mktemp("small_corpus"),
+                         {"train": ("train", 400), "valid": ("valid", 40), "test": ("test", 40)})
 
 
 class TinyCheckpoint(NamedTuple):

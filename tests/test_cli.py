@@ -13,11 +13,11 @@ import shutil
 import pytest
 import torch
 from fairseq import checkpoint_utils
-from fairseq.data import data_utils, indexed_dataset
+from fairseq.data import data_utils
 
 from conftest import (  # noqa: F401  (FAMILIES .. train: also imported from here by the resume/distributed tests)
-    FAMILIES, TASK, TINY_UPDATES, USER_DIR, build_model, checkpoint_weights, fairseq_cli, log_probs, max_difference,
-    random_tokens, sampled_log_probs, train,
+    FAMILIES, TASK, TINY_UPDATES, USER_DIR, build_model, checkpoint_weights, corpus_subset, fairseq_cli, log_probs,
+    max_difference, random_tokens, sampled_log_probs, train,
 )
 
 
@@ -64,14 +64,7 @@ def test_resume_continues_from_checkpoint_last(trained, corpus, tmp_path):
 @pytest.fixture(scope="module")
 def eval_bin(corpus, tmp_path_factory):
     """The first 12 lines of valid (~300 tokens) as a 'test' subset: small enough to score token by token here."""
-    folder = tmp_path_factory.mktemp("eval_bin")
-    os.symlink(os.path.join(corpus, "dict.txt"), folder / "dict.txt")
-    lines = data_utils.load_indexed_dataset(os.path.join(corpus, "valid"), None)
-    builder = indexed_dataset.make_builder(str(folder / "test.bin"), impl="mmap", vocab_size=50000)
-    for i in range(12):
-        builder.add_item(lines[i])  # each line ends with eos, as fairseq-preprocess writes it
-    builder.finalize(str(folder / "test.idx"))
-    return folder
+    return corpus_subset(corpus, tmp_path_factory.mktemp("eval_bin"), {"test": ("valid", 12)})
 
 
 def word_scores(data, checkpoint, *flags):

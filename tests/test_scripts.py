@@ -1,6 +1,7 @@
 """The benchmark and the reproduction run end to end (tiny settings) and write what they promise."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,9 +36,12 @@ def test_benchmark_side_by_side(tmp_path):
     assert "written:" in out
 
 
-def test_reproduce_quick_is_resumable(tmp_path):
+def test_reproduce_quick_is_resumable(tmp_path, small_corpus):
     out_dir, save_root = tmp_path / "out", tmp_path / "ckpt"
-    run("experiments/reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
+    # the pipeline, not the corpus, is under test: a corpus of ~1k tokens per evaluation split keeps its every-token
+    # validations and eval-lm runs short
+    options = ["--quick", "--data", small_corpus, "--threads", "1", "--out", out_dir, "--save-root", save_root]
+    run("experiments/reproduce.py", *options)
     results = json.load(open(out_dir / "results.json"))
     assert set(results) == {"transformer_lm", "bottom_up"}
     for r in results.values():
@@ -48,8 +52,18 @@ def test_reproduce_quick_is_resumable(tmp_path):
         assert r["train_seconds"] > 0 and r["train_tokens_per_s"] > 0
     for name in ("results.md", "learning_curves.png", "perplexity_vs_memory.png"):
         assert os.path.getsize(out_dir / name) > 0
-    again = run("experiments/reproduce.py", "--quick", "--out", out_dir, "--save-root", save_root)
+    again = run("experiments/reproduce.py", *options)
     assert again.count("done earlier") == 2 and "[1/2]" not in again  # nothing trained again
+
+
+def test_fast_subset_is_what_the_planted_bugs_run():
+    """`make test-fast` (the Makefile's FAST_TESTS) runs exactly the in-process files planted_bugs.py runs against
+    each bug: the edit-test loop is the part of the suite shown to catch them."""
+    from test_data_scripts import load_script_module
+
+    makefile = open(os.path.join(REPO, "Makefile")).read().replace("\\\n", " ")
+    (fast,) = re.findall(r"^FAST_TESTS\s*:=(.*)$", makefile, re.MULTILINE)
+    assert sorted(fast.split()) == sorted(load_script_module("checks/planted_bugs").DEFAULT_TESTS)
 
 
 def test_planted_bugs_still_apply():
