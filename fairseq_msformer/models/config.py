@@ -25,8 +25,8 @@ class MsformerLMConfig(FairseqDataclass):
     )
     scale_layers: str = field(
         default="4,4",
-        metadata={"help": "comma-separated number of Transformer layers run at each coarse scale "
-                          "(one entry per pooling factor, each >= 1)"},
+        metadata={"help": "bottom-up and top-down: comma-separated number of Transformer layers run at each coarse "
+                          "scale (one entry per pooling factor, each >= 1); retina runs no coarse layers and ignores it"},
     )
     token_layers: int = field(
         default=2,
