@@ -13,10 +13,10 @@ one this server was started with (PYTHONPATH, OMP_NUM_THREADS and the like act a
 MSFORMER_TESTS_SUBPROCESS=1.
 
 Protocol: one line per request on stdin, the path of a folder holding request.json: {"argv": [argv[0], ...],
-"cwd": folder, and "entry": "fairseq_cli.train:cli_main" or "script": a .py file run as __main__}, and optionally a
-file "stdin". The child writes "stdout" and "stderr" there; the server writes "pid" (the child's, also its process
-group) when it starts and "status" (the exit status, negative for a signal) when it has ended. EOF on stdin: the
-server kills the children still running and exits.
+"cwd": folder, "env": {name: value}, and "entry": "fairseq_cli.train:cli_main" or "script": a .py file run as
+__main__}, and optionally a file "stdin". The child writes "stdout" and "stderr" there; the server writes "pid" (the
+child's, also its process group) when it starts and "status" (the exit status, negative for a signal) when it has
+ended. EOF on stdin: the server kills the children still running and exits.
 """
 import atexit
 import importlib
@@ -63,6 +63,8 @@ def run_child(folder, request):
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
         os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
         sys.argv = list(request["argv"])
         try:
             if "entry" in request:
