@@ -1,6 +1,7 @@
 """x-transformers: a second, modern vanilla decoder (the peer of fairseq's transformer_lm).
 
-x_transformers.Decoder (its attention layers only; ours embed and project): pre-norm blocks with SDPA attention,
+x_transformers.Decoder (its attention layers only; ours embed and project): pre-norm blocks with fused attention
+(attn_flash: PyTorch's scaled_dot_product_attention, as ours; the package's default is its einsum path),
 rotary positions by default, GELU FFN, and the package's key/value cache for incremental decoding. Its final norm is
 off: our decoder's LayerNorm ends the trunk, as in every model here.
 """
@@ -18,6 +19,8 @@ class XTransformersLMConfig(PeerLMConfig):
     xt_layers: int = field(default=4, metadata={"help": "layers"})
     xt_rotary: bool = field(default=True, metadata={"help": "rotary positions in attention (the package's "
                                                            "recommended setting; ours add sinusoidal ones as well)"})
+    xt_no_flash: bool = field(default=False, metadata={"help": "the package's einsum attention instead of fused "
+                                                              "scaled_dot_product_attention (attn_flash, on here)"})
 
 
 class XTransformersTrunk(nn.Module):
@@ -30,7 +33,8 @@ class XTransformersTrunk(nn.Module):
         self.trunk = Decoder(
             dim=args.decoder_embed_dim, depth=args.xt_layers, heads=args.decoder_attention_heads,
             attn_dim_head=head_dim(args), ff_mult=ffn_multiple(args), attn_dropout=args.attention_dropout,
-            ff_dropout=args.dropout, rotary_pos_emb=args.xt_rotary, pre_norm_has_final_norm=False)
+            ff_dropout=args.dropout, rotary_pos_emb=args.xt_rotary, attn_flash=not args.xt_no_flash,
+            pre_norm_has_final_norm=False)
         self.layers = args.xt_layers
         self.layout = f"{args.xt_layers} layers" + (", rotary" if args.xt_rotary else "")
 
