@@ -32,7 +32,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def composed(name):
     """The config fairseq-hydra-train builds from fairseq_msformer/config/<name>.yaml, model options filled in."""
     hydra_init(name)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    # version_base 1.1: what fairseq-hydra-train's @hydra.main (no version_base) assumes; None would also set
+    # hydra's process-wide base to 1.3, under which fairseq's own hydra.experimental.initialize (argparse ->
+    # omegaconf, convert_namespace_to_omegaconf) raises in every later test of the session
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.1"):
         cfg = compose(config_name=name)
     add_defaults(cfg)  # merges the model options with MsformerLMConfig, as fairseq-train does
     return cfg
