@@ -450,11 +450,14 @@ def plot(results, opts):
         ax.set_xlabel("sample length T")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    if len(opts.models) > 5:  # peers as columns: the legend beside the panels, not over the lines
+        axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    else:
+        axes[0].legend()
     fig.suptitle(f"{opts.device} {opts.dtype}, width {opts.dim}, batch {opts.batch_size}")
     fig.tight_layout()
     path = os.path.join(opts.out, "benchmark.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [path]
 
