@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import CORPUS, REPO, benchmark
+from conftest import CORPUS, REPO, THREADS, benchmark
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import peers  # noqa: E402  (registers the peer models)
@@ -157,7 +157,7 @@ def train_and_score(name, save_dir):
 
 
 def test_train_and_eval_lm_every_peer(corpus):
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, PYTHONUNBUFFERED="1")  # conftest's thread count
     with tempfile.TemporaryDirectory() as save_root:  # its own folder: pytest prunes old tmp_paths of other runs
         proc = subprocess.run([sys.executable, __file__, save_root], capture_output=True, text=True, env=env,
                               cwd=os.path.dirname(__file__), timeout=600)
