@@ -31,11 +31,12 @@ import time
 
 import pytest
 import torch
-from fairseq.data import data_utils, indexed_dataset
 
-from conftest import CORPUS, REPO, USER_DIR
+from conftest import CORPUS, REPO, USER_DIR, corpus_subset
 from test_cli import FAMILIES, TASK, checkpoint_weights, max_difference
 from test_resume import EPSILON, TRANSFORMER_LM
+
+SPLITS = {"train": ("train", 2000), "valid": ("valid", 40)}  # the first lines of the shipped corpus's splits
 
 UPDATES = 16  # every run stops here
 SAVE_EVERY = 2  # --save-interval-updates: every 2 updates a validation, then checkpoint_1_N.pt, copied to _best, _last
@@ -249,24 +250,10 @@ def assert_started_from(lines, save_dir, updates):
     assert any(expected in line for _, line in lines), f"expected '{expected}':\n{tail(lines)}"
 
 
-def subset(corpus, folder, lines_per_split):
-    """The first lines of each split of `corpus` as a corpus of its own (same dictionary): a fairseq-train start
-    batches all of train and runs a dry validation over all of valid before its first update."""
-    os.makedirs(folder, exist_ok=True)
-    os.symlink(os.path.join(corpus, "dict.txt"), os.path.join(folder, "dict.txt"))
-    for split, count in lines_per_split.items():
-        lines = data_utils.load_indexed_dataset(os.path.join(corpus, split), None)
-        builder = indexed_dataset.make_builder(os.path.join(folder, f"{split}.bin"), impl="mmap", vocab_size=50000)
-        for i in range(count):
-            builder.add_item(lines[i])  # each line ends with eos, as fairseq-preprocess writes it
-        builder.finalize(os.path.join(folder, f"{split}.idx"))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def data(corpus, tmp_path_factory):
     # 2,000 lines of train are ~430 batches of 128 tokens: every run stays inside the first epoch
-    return subset(corpus, str(tmp_path_factory.mktemp("data")), {"train": 2000, "valid": 40})
+    return corpus_subset(corpus, str(tmp_path_factory.mktemp("data")), SPLITS)
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +332,7 @@ def measure(kills):
     import tempfile
     server, rng = ForkServer(), random.Random("measure")
     with tempfile.TemporaryDirectory() as root:
-        data = subset(CORPUS, f"{root}/data", {"train": 2000, "valid": 40})
+        data = corpus_subset(CORPUS, f"{root}/data", SPLITS)
         for setting, task_flags in (("fairseq alone", FAIRSEQ_ALONE),
                                     ("plugin loaded", ["--user-dir", USER_DIR, *FAIRSEQ_ALONE])):
             code, lines = server.run(train_argv(data, f"{root}/{setting}", TRANSFORMER_LM, task_flags),

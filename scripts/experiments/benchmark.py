@@ -247,6 +247,13 @@ def timed(step, repeats, device):
     return statistics.median(samples)
 
 
+def next_token_log_probs(model, prefix, incremental_state=None):
+    """One generation step: the decoder over `prefix` (B, t) (only its newest token when the cache holds the rest),
+    then the log-probabilities of the next token (B, 1, V)."""
+    out = model.decoder(prefix, incremental_state=incremental_state)
+    return model.get_normalized_probs((out[0][:, -1:], out[1]), log_probs=True)
+
+
 def log_probs_of_targets(model, tokens):
     """What fairseq-eval-lm's SequenceScorer computes per batch: fp32 log-probs of every target token."""
     import torch
@@ -300,16 +307,9 @@ def measure(name, mode, length, opts_dict):
         model.eval()
         result["recomputes_prefix"] = True
         with torch.no_grad():
-            samples = []
-            for i in range(opts.generate_steps + 2):
-                start = time.perf_counter()
-                out = model.decoder(tokens[:, :length])  # the step after a prefix of T - 1 tokens
-                model.get_normalized_probs((out[0][:, -1:], out[1]), log_probs=True)
-                if opts.device == "cuda":
-                    torch.cuda.synchronize()
-                if i >= 2:  # two warm-up steps
-                    samples.append(time.perf_counter() - start)
-        result["ms_per_token"] = 1e3 * statistics.median(samples)
+            step = lambda: next_token_log_probs(model, tokens[:, :length])  # noqa: E731  (the step after T - 1 tokens)
+            step(), step()  # two warm-up steps
+            result["ms_per_token"] = 1e3 * timed(step, opts.generate_steps, opts.device)
     else:  # generate: fill the cache to the prefix, then time single-token steps
         model.eval()
         state = {}
@@ -319,16 +319,10 @@ def measure(name, mode, length, opts_dict):
             extra = torch.randint(vocab.nspecial, len(vocab), (opts.batch_size, opts.generate_steps + 2),
                                   generator=g).to(opts.device)
             prefix = torch.cat([tokens[:, :length], extra], dim=1)
-            samples = []
-            for i in range(opts.generate_steps + 2):
-                start = time.perf_counter()
-                out = model.decoder(prefix[:, : length + i + 1], incremental_state=state)
-                model.get_normalized_probs((out[0][:, -1:], out[1]), log_probs=True)
-                if opts.device == "cuda":
-                    torch.cuda.synchronize()
-                if i >= 2:  # two warm-up steps
-                    samples.append(time.perf_counter() - start)
-        result["ms_per_token"] = 1e3 * statistics.median(samples)
+            ends = iter(range(length + 1, prefix.size(1) + 1))  # each step adds one token to the cached prefix
+            step = lambda: next_token_log_probs(model, prefix[:, :next(ends)], state)  # noqa: E731
+            step(), step()  # two warm-up steps
+            result["ms_per_token"] = 1e3 * timed(step, opts.generate_steps, opts.device)
     if opts.device == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated() / MIB
     else:
