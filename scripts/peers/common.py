@@ -32,6 +32,7 @@ from fairseq_msformer.models.msformer_lm import build_embed_tokens, check_sample
 # defaults and help as msformer_lm's, taken from its dataclass.
 SHARED_OPTIONS = (
     "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads", "dropout", "attention_dropout",
+    "activation_dropout",
     "decoder_learned_pos", "no_token_positional_embeddings", "no_scale_embedding",
     "share_decoder_input_output_embed", "adaptive_input", "adaptive_input_factor", "adaptive_input_cutoff",
     "adaptive_softmax_cutoff", "adaptive_softmax_dropout", "adaptive_softmax_factor", "tie_adaptive_weights",

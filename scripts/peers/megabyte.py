@@ -29,9 +29,9 @@ class MegabyteLMConfig(PeerLMConfig):
     megabyte_patch_sizes: str = field(
         default="4,4", metadata={"help": "positions per patch of each stage after the global one ('4,4': the global "
                                          "stage sees 16-token patches, the middle one 4-token patches)"})
-    megabyte_rotary: bool = field(
-        default=True, metadata={"help": "rotary positions in every stage (the package's rel_pos, off in its "
-                                        "defaults; without it only causal masks and token shift give order)"})
+    megabyte_no_rotary: bool = field(
+        default=False, metadata={"help": "no rotary positions (the package's rel_pos, off in its own defaults but on "
+                                         "here: without it only causal masks and token shift give order)"})
 
 
 class MegabyteTrunk(nn.Module):
@@ -53,7 +53,7 @@ class MegabyteTrunk(nn.Module):
             num_tokens=1, dim=args.decoder_embed_dim, depth=layers,
             max_seq_len=(SINUSOIDAL_MAX_POSITIONS // patch_tokens, *patches), dim_head=head_dim(args),
             heads=args.decoder_attention_heads, attn_dropout=args.attention_dropout, ff_dropout=args.dropout,
-            ff_mult=ffn_multiple(args, integer=True), rel_pos=args.megabyte_rotary)
+            ff_mult=ffn_multiple(args, integer=True), rel_pos=not args.megabyte_no_rotary)
         self.trunk.to_logits = nn.Identity()  # features out; our output layer follows
         self.layers = sum(layers)
         blocks = [patch_tokens]
