@@ -141,6 +141,18 @@ def test_no_future_leakage_with_dropout(make_model, config):
     assert_no_leak(model.train(), dictionary, length=41)
 
 
+# rotary positions (--rotary-positions) rotate queries and keys by ready positions: every other config of each
+# family, every shift rule, combine mode and pooling type among them
+ROTARY_CASES = [pytest.param(*case.values, id=case.id + "-rotary") for case in CASES[::2]]
+
+
+@pytest.mark.parametrize("make_model,config", ROTARY_CASES)
+def test_no_future_leakage_with_rotary_positions(make_model, config):
+    model, dictionary = make_model(*config, rotary_positions=True, **DROPOUT)
+    assert_no_leak(model.train(), dictionary, length=41)
+    assert_no_leak(model.eval(), dictionary, length=41)
+
+
 @pytest.mark.parametrize("make_model,config", CASES[::4])
 def test_evaluation_turns_every_dropout_off(make_model, config):
     """Built with dropout everywhere, a model in eval mode scores exactly as its twin without dropout (same

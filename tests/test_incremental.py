@@ -37,6 +37,11 @@ CONFIGS = {  # 40 tokens cross several block boundaries at every scale of each c
     "retina-3,2,2-max": ("msformer_lm_retina", dict(pool_factors="3,2,2", retina_windows="4,10,22,-1",
                                                     pool_type="max")),
 }
+# rotary positions (--rotary-positions): a decoding step rotates what it forms at t, the full pass at ready positions
+CONFIGS.update({name + "-rotary": (arch, dict(options, rotary_positions=True)) for name, (arch, options) in list(CONFIGS.items())
+                if name in ("bottom_up-2,2-before", "bottom_up-4,2-residual", "bottom_up-2,3-both", "bottom_up-2,2,2",
+                            "top_down-2,3-concat", "top_down-4,4-hourglass", "retina-4,4-per-layer",
+                            "retina-2,2-bounded-linear")})
 
 
 def model_for(name):
@@ -69,7 +74,7 @@ def test_incremental_catches_up_on_a_whole_prompt():
 
 
 @pytest.mark.parametrize("name", ["bottom_up-4,2-hourglass", "bottom_up-4,2-residual", "top_down-2,2,2-adaptive",
-                                  "retina-2,2-bounded-linear"])
+                                  "retina-2,2-bounded-linear", "bottom_up-2,3-both-rotary", "retina-4,4-per-layer-rotary"])
 def test_beam_search_scores_equal_full_pass(name):
     """SequenceGenerator with beam 4 (reorder_incremental_state at every step): each hypothesis's per-token
     scores equal what one full forward pass gives the same tokens."""

@@ -35,6 +35,7 @@ from fairseq_msformer.models.top_down import TopDown
 from fairseq_msformer.modules import (
     BlockPool, CausalUpsample, LayerStack, MultiScaleAttention, ScalePositions, TransformerBlock,
 )
+from fairseq_msformer.modules.positions import RotaryPositions
 from test_retina import measured_reads, plan_keys, reading_plan
 
 OPTIONS = [f.name for f in fields(MsformerLMConfig) if f.name != "_name"]  # _name: fairseq's registry key
@@ -287,7 +288,7 @@ def check_top_down_combine():
             upsampled = output(seen, f"decoder.body.upsamples.{s}")
             expected = inputs[s] + upsampled if combine == "add" else \
                 model.decoder.body.combine[s](torch.cat([inputs[s], upsampled], dim=-1))
-            ((stack_input, _), _, _), = seen[f"decoder.body.stacks.{s}"]
+            ((stack_input, *_), _, _), = seen[f"decoder.body.stacks.{s}"]
             torch.testing.assert_close(stack_input, expected, msg=f"{combine}: scale {s}'s input")
         assert hasattr(model.decoder.body, "combine") == (combine == "concat")
 
@@ -433,6 +434,54 @@ def check_decoder_learned_pos():
         assert isinstance(learned.decoder.embed_positions, LearnedPositionalEmbedding)
         added = set(shapes(learned)) - set(shapes(sinusoidal))
         assert added == {name + ".weight" for name in position_parameters(learned)}
+
+
+@case("rotary_positions", False, True)
+def check_rotary_positions():
+    """Rotary: no new parameters, other outputs, and every rotation happens at the ready positions written out here
+    from design.md (a token at t; block j of scale s at (j+1)K_s - 1, or j*K_s with the hourglass rule): per
+    self-attention its queries and keys, the aggregation layer's keys over tokens and both scales, retina's keys
+    per scale and its (chunk-padded) queries. Blocks of 2 and 4 tokens, 29 tokens padded to 32."""
+    tokens = tuple(range(32))
+    def blocks(k, hourglass=False):
+        return tuple(j * k if hourglass else (j + 1) * k - 1 for j in range(32 // k))
+    expected = {  # positions of each rotation -> how many rotations in one forward pass
+        ("bottom_up", "complete"): {blocks(2): 2, blocks(4): 2, tokens: 3, tokens + blocks(2) + blocks(4): 1},
+        ("bottom_up", "hourglass"): {blocks(2, True): 2, blocks(4, True): 2, tokens: 3,
+                                     tokens + blocks(2, True) + blocks(4, True): 1},
+        ("top_down", "complete"): {blocks(4): 2, blocks(2): 2, tokens: 2},
+        ("top_down", "hourglass"): {blocks(4, True): 2, blocks(2, True): 2, tokens: 2},
+        ("retina", "complete"): {tokens: 4, blocks(2): 2, blocks(4): 2},  # 2 layers
+    }
+    real = RotaryPositions.forward
+    for (family, rule), rotations in expected.items():
+        plain, rotary = build(family, shift_rule=rule), build(family, shift_rule=rule, rotary_positions=True)
+        assert shapes(plain) == shapes(rotary) and not torch.equal(logits(plain), logits(rotary))
+        seen = Counter()
+
+        def recording(module, x, positions):
+            seen[tuple(positions.tolist())] += 1
+            return real(module, x, positions)
+
+        RotaryPositions.forward = recording
+        try:
+            logits(rotary)
+        finally:
+            RotaryPositions.forward = real
+        assert seen == Counter(rotations), (family, rule, seen)
+
+
+def test_rotary_scores_depend_on_distance_only():
+    """RotaryPositions: a rotated query at p and key at p' score by p - p' alone, and the second half of each
+    head's dimensions is left as it is (x-transformers' default: half of dim_head rotated)."""
+    rotary, q, k = RotaryPositions(8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    def score(p, p_key):
+        rq, rk = rotary(q, torch.tensor([p])), rotary(k, torch.tensor([p_key]))
+        assert torch.equal(rq[..., 4:], q[..., 4:]) and torch.equal(rq[..., :4], q[..., :4]) == (p == 0)
+        return (rq * rk).sum(-1)
+    torch.testing.assert_close(score(7, 3), score(104, 100))
+    torch.testing.assert_close(score(0, 0), (q * k).sum(-1))
+    assert not torch.allclose(score(7, 3), score(7, 5))
 
 
 def body_input(model):

@@ -20,6 +20,12 @@ from ..modules import (
 from ..modules.attention import append_cache
 
 
+def t_positions(attn, blocks, t: int):
+    """(n_new,) positions of the blocks formed at step t (all ready at t), or None without rotary positions."""
+    position = attn.step_position(blocks, t)
+    return None if position is None else position.expand(blocks.size(1))
+
+
 class BottomUp(nn.Module):
     def __init__(self, args, grid, plan):
         super().__init__()
@@ -42,24 +48,25 @@ class BottomUp(nn.Module):
 
     def forward(self, x: torch.Tensor, inner_states: list) -> torch.Tensor:
         # x: (B, T, C) token embeddings, T a multiple of the grid
-        x = self.token_layers_before(x, inner_states)
-        blocks, ready = [], [self.grid.ready(0, x.size(1), x.device)]
-        h = x
+        # ready[s]: (T / K_s,) ready positions of scale s's elements (the causality rule; rotary positions)
+        ready = [self.grid.ready(s, x.size(1) // k, x.device) for s, k in enumerate(self.grid.block_lengths)]
+        x = self.token_layers_before(x, inner_states, ready[0])
+        blocks, h = [], x
         for s, (pool, positions, layers) in enumerate(zip(self.pools, self.positions, self.scales), start=1):
-            h = layers(positions(pool(h)), inner_states)  # (B, T / K_s, C)
+            h = layers(positions(pool(h)), inner_states, ready[s])  # (B, T / K_s, C)
             blocks.append(h)
-            ready.append(self.grid.ready(s, h.size(1), x.device))
         if self.residual:  # every token gets the newest ready block of every scale added to its stream
             for s, h in enumerate(blocks, start=1):
                 x = x + self.up_projs[s - 1](self.upsamples[s - 1](h, upsample_index(ready[0], ready[s])))
         if self.attend_blocks:
             # token t reads token u <= t and block j of scale s once it is ready: (T, T + sum_s T / K_s)
             mask = causal_block_mask(ready[0], torch.cat(ready))
-            x = self.aggregate(x, extra_memory=torch.cat(blocks, dim=1), mask=mask)
+            x = self.aggregate(x, extra_memory=torch.cat(blocks, dim=1), mask=mask, positions=ready[0],
+                               memory_positions=torch.cat(ready))
         else:
-            x = self.aggregate(x)
+            x = self.aggregate(x, positions=ready[0])
         inner_states.append(x)
-        return self.token_layers(x, inner_states)
+        return self.token_layers(x, inner_states, ready[0])
 
     def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
         """Incremental decoding of token t, x (B, 1, C). A block is pooled and run through its scale's layers
@@ -81,8 +88,8 @@ class BottomUp(nn.Module):
             return self.token_layers.step(self.aggregate.step(x, t, cache, "aggregate"), t, cache, "after")
         attn = self.aggregate.attn
         if new_blocks:
-            blocks = torch.cat(new_blocks, dim=1)  # (B, n_new, C)
-            append_cache(cache, "aggregate.blocks.k", attn.k_proj(blocks))
+            blocks = torch.cat(new_blocks, dim=1)  # (B, n_new, C), every block formed at t is ready at t
+            append_cache(cache, "aggregate.blocks.k", attn.rotate(attn.k_proj(blocks), t_positions(attn, blocks, t)))
             append_cache(cache, "aggregate.blocks.v", attn.v_proj(blocks))
         extra_kv = (cache["aggregate.blocks.k"], cache["aggregate.blocks.v"]) if "aggregate.blocks.k" in cache else None
         x = self.aggregate.step(x, t, cache, "aggregate", extra_kv=extra_kv)

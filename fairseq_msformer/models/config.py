@@ -87,6 +87,13 @@ class MsformerLMConfig(FairseqDataclass):
     no_token_positional_embeddings: bool = field(
         default=False, metadata={"help": "no token-level positions (coarse scales keep theirs)"}
     )
+    rotary_positions: bool = field(
+        default=False,
+        metadata={"help": "rotary positions (RoFormer; x-transformers' default) in every attention layer: queries "
+                          "and keys rotated by their ready positions in tokens (a block sits at the last token it "
+                          "may depend on), on half of each head's dimensions; the absolute positions are still "
+                          "added unless --no-token-positional-embeddings"},
+    )
     no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by sqrt(dim)"})
     share_decoder_input_output_embed: bool = field(
         default=False, metadata={"help": "tie input and output embeddings (without adaptive input)"}

@@ -44,7 +44,7 @@ class TopDown(nn.Module):
                     self.grid.ready(s, inputs.size(1), x.device), self.grid.ready(s + 1, h.size(1), x.device)
                 )
                 inputs = self.with_context(s, inputs, self.upsamples[s](h, index))  # newest ready coarser block
-            h = self.stacks[s](inputs, inner_states)
+            h = self.stacks[s](inputs, inner_states, self.grid.ready(s, inputs.size(1), x.device))
         return h
 
     def with_context(self, s: int, inputs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Attention goes through ``F.scaled_dot_product_attention`` with either ``is_causal`` (self-attention within one
 scale) or a boolean block mask from ``causal_block_mask`` (reading other scales): no T x T score matrix is
 kept for backward (design.md §6). Masks are boolean, so they work unchanged under fp16/bf16.
+
+With rotary positions (--rotary-positions) queries and keys are rotated by their elements' ready positions in
+tokens (``ScaleGrid.ready``), which every caller passes beside its states; while decoding, the element formed at
+step t is always ready at t (a token at t, a block the step it completes), so a step rotates at t.
 """
 from typing import Optional
 
@@ -11,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fairseq import utils
 from fairseq.modules import FairseqDropout, LayerNorm
+
+from .positions import RotaryPositions
 
 
 def append_cache(cache: dict, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -26,12 +32,13 @@ def append_cache(cache: dict, name: str, value: torch.Tensor) -> torch.Tensor:
 class MultiScaleAttention(nn.Module):
     """Multi-head attention of queries (B, Tq, C) over a memory (B, Tk, C)."""
 
-    def __init__(self, dim: int, num_heads: int, attention_dropout: float):
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float, rotary: bool = False):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} attention heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.attention_dropout = attention_dropout
+        self.rotary = RotaryPositions(self.head_dim) if rotary else None
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -45,13 +52,25 @@ class MultiScaleAttention(nn.Module):
         bsz, n, _ = x.shape
         return x.view(bsz, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def keys_values(self, memory: torch.Tensor):
-        """(B, Tk, C) -> keys and values, each (B, H, Tk, D)."""
-        return self.split_heads(self.k_proj(memory)), self.split_heads(self.v_proj(memory))
+    def rotate(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """Projected queries or keys (B, N, C) of elements at `positions` (N,) tokens -> rotated (B, N, C); x itself
+        without rotary positions."""
+        if self.rotary is None:
+            return x
+        if positions is None:
+            raise ValueError("rotary positions: the caller must pass the positions of the queries and keys")
+        bsz, n, _ = x.shape
+        return self.rotary(x.view(bsz, n, self.num_heads, self.head_dim), positions).view(bsz, n, -1)
 
-    def attend(self, query, keys, values, mask: Optional[torch.Tensor] = None, causal: bool = False):
-        """query (B, Tq, C), keys/values (B, H, Tk, D), mask (Tq, Tk) or (B|1, H|1, Tq, Tk) bool -> (B, Tq, C)."""
-        q = self.split_heads(self.q_proj(query))  # (B, H, Tq, D)
+    def keys_values(self, memory: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """(B, Tk, C) -> keys and values, each (B, H, Tk, D)."""
+        return self.split_heads(self.rotate(self.k_proj(memory), positions)), self.split_heads(self.v_proj(memory))
+
+    def attend(self, query, keys, values, mask: Optional[torch.Tensor] = None, causal: bool = False,
+               positions: Optional[torch.Tensor] = None):
+        """query (B, Tq, C) at `positions` (Tq,), keys/values (B, H, Tk, D), mask (Tq, Tk) or (B|1, H|1, Tq, Tk)
+        bool -> (B, Tq, C)."""
+        q = self.split_heads(self.rotate(self.q_proj(query), positions))  # (B, H, Tq, D)
         out = F.scaled_dot_product_attention(
             q, keys, values,
             attn_mask=mask,
@@ -61,22 +80,27 @@ class MultiScaleAttention(nn.Module):
         bsz, _, tq, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(bsz, tq, -1))
 
-    def forward(self, query, memory, mask=None, causal=False):
-        keys, values = self.keys_values(memory)
-        return self.attend(query, keys, values, mask=mask, causal=causal)
+    def forward(self, query, memory, mask=None, causal=False, positions=None, memory_positions=None):
+        keys, values = self.keys_values(memory, memory_positions)
+        return self.attend(query, keys, values, mask=mask, causal=causal, positions=positions)
 
-    def self_attention(self, x):
-        """Causal self-attention within one scale: (B, N, C) -> (B, N, C)."""
-        return self(x, x, causal=True)
+    def self_attention(self, x, positions=None):
+        """Causal self-attention within one scale: (B, N, C) at positions (N,) -> (B, N, C)."""
+        return self(x, x, causal=True, positions=positions, memory_positions=positions)
 
     def step(self, x, t: int, cache: dict, name: str, extra_kv=None):
-        """Incremental: x (B, 1, C) reads every cached element of its scale, itself, and `extra_kv`
-        (projected keys/values (B, M, C) of other scales' ready blocks)."""
-        keys = append_cache(cache, name + ".k", self.k_proj(x))  # (B, n, C)
+        """Incremental: x (B, 1, C), formed at step t, reads every cached element of its scale, itself, and
+        `extra_kv` (projected, rotated keys/values (B, M, C) of other scales' ready blocks)."""
+        position = self.step_position(x, t)
+        keys = append_cache(cache, name + ".k", self.rotate(self.k_proj(x), position))  # (B, n, C)
         values = append_cache(cache, name + ".v", self.v_proj(x))
         if extra_kv is not None:
             keys, values = torch.cat([keys, extra_kv[0]], dim=1), torch.cat([values, extra_kv[1]], dim=1)
-        return self.attend(x, self.split_heads(keys), self.split_heads(values))
+        return self.attend(x, self.split_heads(keys), self.split_heads(values), positions=position)
+
+    def step_position(self, x: torch.Tensor, t: int) -> Optional[torch.Tensor]:
+        """(1,) the position of what a decoding step at t forms (it is ready at t), or None without rotary."""
+        return None if self.rotary is None else torch.full((1,), t, device=x.device)
 
 
 class TransformerBlock(nn.Module):
@@ -84,6 +108,7 @@ class TransformerBlock(nn.Module):
 
     Without ``extra_memory`` it is causal self-attention within one scale. With it, the queries read
     [LN(x); extra_memory] under ``mask`` (the bottom-up aggregation layer: tokens read tokens and blocks).
+    ``positions`` (N,) and ``memory_positions`` are the elements' ready positions, read by rotary positions only.
     """
 
     def __init__(self, args, attention: Optional[nn.Module] = None):
@@ -91,7 +116,8 @@ class TransformerBlock(nn.Module):
         dim = args.decoder_embed_dim
         self.attn_norm = LayerNorm(dim)
         # any module with .self_attention(x) (and, for extra_memory, MultiScaleAttention's call signature)
-        self.attn = attention or MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout)
+        self.attn = attention or MultiScaleAttention(
+            dim, args.decoder_attention_heads, args.attention_dropout, getattr(args, "rotary_positions", False))
         self.ffn_norm = LayerNorm(dim)
         self.fc1 = nn.Linear(dim, args.decoder_ffn_embed_dim)
         self.fc2 = nn.Linear(args.decoder_ffn_embed_dim, dim)
@@ -99,13 +125,14 @@ class TransformerBlock(nn.Module):
         self.dropout = FairseqDropout(args.dropout, module_name=type(self).__name__)
         self.activation_dropout = FairseqDropout(args.activation_dropout, module_name=type(self).__name__)
 
-    def forward(self, x, extra_memory=None, mask=None):
+    def forward(self, x, extra_memory=None, mask=None, positions=None, memory_positions=None):
         h = self.attn_norm(x)
         if extra_memory is None:
-            x = x + self.dropout(self.attn.self_attention(h))
+            x = x + self.dropout(self.attn.self_attention(h, positions))
         else:
             memory = torch.cat([h, extra_memory], dim=1)  # (B, T + sum_s N_s, C)
-            x = x + self.dropout(self.attn(h, memory, mask=mask))
+            x = x + self.dropout(self.attn(h, memory, mask=mask, positions=positions,
+                                           memory_positions=memory_positions))
         return self.feed_forward(x)
 
     def feed_forward(self, x):
@@ -131,9 +158,10 @@ class LayerStack(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(num_layers))
         self.final_norm = LayerNorm(args.decoder_embed_dim) if final_norm and num_layers > 0 else None
 
-    def forward(self, x, inner_states=None):
+    def forward(self, x, inner_states=None, positions=None):
+        """x (B, N, C) at ready positions (N,) (read by rotary positions only)."""
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, positions=positions)
             if inner_states is not None:
                 inner_states.append(x)
         return self.final_norm(x) if self.final_norm is not None else x

@@ -1,7 +1,9 @@
-"""Position information for the blocks of each coarse scale (each scale has its own, design.md §3)."""
+"""Position information: a position vector for the blocks of each coarse scale (each scale has its own, design.md
+§3), and optional rotary positions inside attention."""
 import torch
 import torch.nn as nn
 from fairseq.modules import SinusoidalPositionalEmbedding
+from fairseq.modules.rotary_positional_embedding import rotate_half
 
 # the longest input a model with sinusoidal positions accepts unless --max-target-positions says otherwise:
 # fairseq's SinusoidalPositionalEmbedding.max_positions (its tables grow on demand, and so do ours)
@@ -52,3 +54,31 @@ def coarse_scale_positions(args, grid) -> nn.ModuleList:
         ScalePositions(max_blocks(tokens, grid, s), args.decoder_embed_dim, args.decoder_learned_pos)
         for s in range(1, grid.num_scales)
     )
+
+
+class RotaryPositions(nn.Module):
+    """Rotary position embedding (RoFormer, Su et al. 2021; on by default in x-transformers) at any positions.
+
+    Queries and keys of elements at `positions` (in tokens) are rotated so that their dot product depends on the
+    distance between them. Every element of every scale is placed at its ready position (``ScaleGrid.ready``: a
+    block sits at the last token it may depend on), so a token reading a block sees how far back the block's
+    information lies, in the same units as it sees other tokens. fairseq's RotaryPositionalEmbedding serves only
+    contiguous positions 0..T-1, and its cached table keeps the device it was first built on; this computes the
+    angles of the positions it is given. As x-transformers does by default, half of each head's dimensions are
+    rotated (rotary_emb_dim = dim_head // 2) and the rest carry content only.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.dim = max(2, head_dim // 2 // 2 * 2)  # even: the rotated dimensions form pairs
+        self.base = base
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, N, H, D) at positions (N,) -> rotated x, same shape and dtype."""
+        d = self.dim
+        inv_freq = self.base ** -(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+        angles = positions.to(torch.float32).unsqueeze(1) * inv_freq  # (N, d/2), fp32 whatever x's dtype
+        angles = torch.cat([angles, angles], dim=1).unsqueeze(1)  # (N, 1, d): the same for every head
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rotated, rest = x[..., :d], x[..., d:]
+        return torch.cat([rotated * cos + rotate_half(rotated) * sin, rest], dim=-1)

@@ -134,7 +134,8 @@ class RetinaAttention(nn.Module):
         super().__init__()
         dim = args.decoder_embed_dim
         self.grid, self.window, self.blocks = grid, window, list(blocks)
-        self.attn = MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout)
+        self.attn = MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout,
+                                        getattr(args, "rotary_positions", False))
         # keys and values of scale s are pooled from those of scale s - 1 (complete-block rule only)
         self.key_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim) for r in grid.pool_factors)
         self.value_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim) for r in grid.pool_factors)
@@ -149,19 +150,26 @@ class RetinaAttention(nn.Module):
                              str(device))
 
     def scale_keys_values(self, x):
-        """(B, T, C) -> per scale s: keys and values (B, T / K_s, C)."""
+        """(B, T, C) -> per scale s: keys and values (B, T / K_s, C); rotary positions: keys rotated by their
+        ready positions."""
         keys, values = [self.attn.k_proj(x)], [self.attn.v_proj(x)]
         for key_pool, value_pool in zip(self.key_pools, self.value_pools):
             keys.append(key_pool(keys[-1]))  # pooled from the previous scale's keys, before positions
             values.append(value_pool(values[-1]))
         keys = keys[:1] + [positions(k) for positions, k in zip(self.key_positions, keys[1:])]
+        keys = [self.attn.rotate(k, self.grid.ready(s, k.size(1), x.device)) if self.attn.rotary is not None else k
+                for s, k in enumerate(keys)]
         return keys, values
 
-    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def self_attention(self, x: torch.Tensor, positions=None) -> torch.Tensor:
+        """x (B, T, C) tokens at positions 0..T-1 (`positions`, as other layers get it, is that)."""
         length = x.size(1)  # T, a multiple of the grid
         layout = self.layout(length, x.device)
         keys, values = self.scale_keys_values(x)
-        queries = self.attn.q_proj(F.pad(x, (0, 0, 0, layout.num_chunks * layout.chunk - length)))  # (B, C*Q, C)
+        padded = layout.num_chunks * layout.chunk
+        queries = self.attn.q_proj(F.pad(x, (0, 0, 0, padded - length)))  # (B, C*Q, C)
+        if self.attn.rotary is not None:
+            queries = self.attn.rotate(queries, torch.arange(padded, device=x.device))
 
         dropout = self.attn.attention_dropout if self.training else 0.0
         args = (layout, self.attn.num_heads, queries, dropout, *keys, *values)
@@ -182,7 +190,8 @@ class RetinaAttention(nn.Module):
         """
         lengths = self.grid.block_lengths
         bounds = retina_bounds(t, lengths, self.window, self.blocks)
-        new_k, new_v = self.attn.k_proj(x), self.attn.v_proj(x)  # (B, 1, C)
+        position = self.attn.step_position(x, t)  # every element formed at t is ready at t (complete rule)
+        new_k, new_v = self.attn.k_proj(x), self.attn.v_proj(x)  # (B, 1, C), pooled unrotated
         keys, values = [], []
         for s, k in enumerate(lengths):
             if s > 0 and new_k is not None:  # pool the finer scale's new element into this scale's buffer
@@ -190,10 +199,11 @@ class RetinaAttention(nn.Module):
                 new_v = self.value_pools[s - 1].step(new_v, cache, f"{name}.vbuf{s}")
                 if new_k is not None:
                     offset = self.grid.newest_block(s, t)
-                    append_cache(cache, f"{name}.k{s}", self.key_positions[s - 1](new_k, offset=offset))
+                    key = self.key_positions[s - 1](new_k, offset=offset)
+                    append_cache(cache, f"{name}.k{s}", self.attn.rotate(key, position))
                     append_cache(cache, f"{name}.v{s}", new_v)
             elif s == 0:
-                append_cache(cache, f"{name}.k0", new_k)
+                append_cache(cache, f"{name}.k0", self.attn.rotate(new_k, position))
                 append_cache(cache, f"{name}.v0", new_v)
             if f"{name}.k{s}" not in cache:
                 continue  # no block of this scale is complete yet
@@ -206,4 +216,4 @@ class RetinaAttention(nn.Module):
                 cache[f"{name}.{kind}{s}"] = cached
                 out.append(cached[:, : end - first])
         keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, L_t, C)
-        return self.attn.attend(x, self.attn.split_heads(keys), self.attn.split_heads(values))
+        return self.attn.attend(x, self.attn.split_heads(keys), self.attn.split_heads(values), positions=position)

@@ -137,7 +137,11 @@ SUITES["peers"] = {
     "peer_hourglass_resampling": (peer("peer_hourglass", "--hourglass-shorten-factors", "4,4", "--hourglass-layers",
                                        "1,2,8,0,1", "--hourglass-attn-resampling"),
                                   "as peer_hourglass + the package's attention resampling (4 more blocks)"),
-    **{name: SUITES["main"][name] for name in ("bottom_up", "top_down", "retina", "bottom_up_linear")},
+    **{name: SUITES["main"][name] for name in ("bottom_up", "top_down", "retina", "bottom_up_linear", "bottom_up_2_8")},
+    # x-transformers' lead over transformer_lm is its rotary positions (400-update pilots: without them it is
+    # transformer_lm's equal); ours with --rotary-positions, each family's main model otherwise unchanged
+    **{name + "_rotary": (SUITES["main"][name][0] + ["--rotary-positions"], SUITES["main"][name][1] + ", rotary")
+       for name in ("bottom_up_2_8", "top_down", "retina")},
 }
 FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
 SUITE_UPDATES = {"main": 1200, "ablation": 400, "peers": 1200}
