@@ -142,13 +142,14 @@ def test_no_future_leakage_with_dropout(make_model, config):
 
 
 # rotary positions (--rotary-positions) rotate queries and keys by ready positions: every other config of each
-# family, every shift rule, combine mode and pooling type among them
-ROTARY_CASES = [pytest.param(*case.values, id=case.id + "-rotary") for case in CASES[::2]]
+# family, every shift rule, combine mode and pooling type among them; every other one of those with gated FFNs too
+ROTARY_CASES = [pytest.param(*case.values, {"ffn_glu": i % 2 == 1}, id=case.id + ("-rotary-glu" if i % 2 else "-rotary"))
+                for i, case in enumerate(CASES[::2])]
 
 
-@pytest.mark.parametrize("make_model,config", ROTARY_CASES)
-def test_no_future_leakage_with_rotary_positions(make_model, config):
-    model, dictionary = make_model(*config, rotary_positions=True, **DROPOUT)
+@pytest.mark.parametrize("make_model,config,extra", ROTARY_CASES)
+def test_no_future_leakage_with_rotary_positions(make_model, config, extra):
+    model, dictionary = make_model(*config, rotary_positions=True, **extra, **DROPOUT)
     assert_no_leak(model.train(), dictionary, length=41)
     assert_no_leak(model.eval(), dictionary, length=41)
 

@@ -42,6 +42,8 @@ CONFIGS.update({name + "-rotary": (arch, dict(options, rotary_positions=True)) f
                 if name in ("bottom_up-2,2-before", "bottom_up-4,2-residual", "bottom_up-2,3-both", "bottom_up-2,2,2",
                             "top_down-2,3-concat", "top_down-4,4-hourglass", "retina-4,4-per-layer",
                             "retina-2,2-bounded-linear")})
+CONFIGS.update({name + "-glu": (arch, dict(options, ffn_glu=True, activation_fn="gelu"))
+                for name, (arch, options) in list(CONFIGS.items()) if name in ("bottom_up-2,3-both-rotary", "top_down-2,3-concat-rotary", "retina-4,4-per-layer-rotary")})
 
 
 def model_for(name):

@@ -378,6 +378,24 @@ def check_activation_fn():
         assert differs and all(differs.values()), differs
 
 
+@case("ffn_glu", False, True)
+def check_ffn_glu():
+    """Every Transformer layer's FFN: with --ffn-glu, fc1 makes 2F and the sublayer adds fc2(up * act(gate)) (F = 28,
+    gelu); without, fc2(act(fc1 h)). Recomputed from each layer's own weights on the input it got."""
+    for family in FAMILIES:
+        for glu in (False, True):
+            model = build(family, ffn_glu=glu, decoder_ffn_embed_dim=28, activation_fn="gelu")
+            blocks = {name: m for name, m in model.named_modules() if isinstance(m, TransformerBlock)}
+            assert blocks and all(b.fc1.weight.shape == ((56 if glu else 28), 16) and b.fc2.weight.shape == (16, 28)
+                                  for b in blocks.values())
+            for name, block in blocks.items():
+                x = torch.randn(2, 8, 16)
+                with torch.no_grad():
+                    h = block.fc1(block.ffn_norm(x))
+                    inner = h[..., :28] * F.gelu(h[..., 28:]) if glu else F.gelu(h)
+                    torch.testing.assert_close(block.feed_forward(x), x + block.fc2(inner), msg=name)
+
+
 def stochastic_layers(model):
     """{layer: its training-mode output differs between two seeds on the same input}."""
     return rerun(model, model, TransformerBlock, train=True, seeds=(1, 2))

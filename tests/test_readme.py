@@ -268,6 +268,20 @@ def test_results_table_is_docs_main():
         assert speed == f"{r['train_tokens_per_s'] / baseline['train_tokens_per_s']:.2f}x".replace("1.00x", "1x"), label
 
 
+PEERS_START, PEERS_END = "<!-- by family: docs/peers/results.md -->", "<!-- end by family -->"
+
+
+def test_family_tables_are_docs_peers():
+    """The README's tables of ours against the peers, one per family, are the 'By family' section that
+    reproduce.py --suite peers writes to docs/peers/results.md (from docs/peers/results.json), verbatim."""
+    text = open(README, encoding="utf-8").read()
+    assert text.count(PEERS_START) == 1 and text.count(PEERS_END) == 1
+    in_readme = text.split(PEERS_START)[1].split(PEERS_END)[0]
+    generated = open(os.path.join(DOCS, "peers", "results.md"), encoding="utf-8").read()
+    assert "### By family" in generated
+    assert in_readme.strip() == generated.split("### By family")[1].strip()
+
+
 # ---------------------------------------------------------------- every block tested, every link resolves
 
 

@@ -77,6 +77,12 @@ class MsformerLMConfig(FairseqDataclass):
     activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
         default="relu", metadata={"help": "activation function of the feed-forward sublayers"}
     )
+    ffn_glu: bool = field(
+        default=False,
+        metadata={"help": "gated feed-forward sublayers (GLU variants, Shazeer 2020): fc1 makes two halves of "
+                          "--decoder-ffn-embed-dim each and act(one half) gates the other (GEGLU with "
+                          "--activation-fn gelu, SwiGLU with swish); 2/3 of the usual FFN size keeps the parameters"},
+    )
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and residual branches"})
     attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
     activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})

@@ -106,6 +106,9 @@ class MultiScaleAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm layer: x + Attn(LN(x) -> memory), then x + FFN(LN(x)).
 
+    The FFN is fc2(act(fc1(h))), or with --ffn-glu a gated linear unit (Shazeer 2020; GEGLU with --activation-fn
+    gelu, as local-attention's FFN): fc1 gives two halves of --decoder-ffn-embed-dim each, one gates the other.
+
     Without ``extra_memory`` it is causal self-attention within one scale. With it, the queries read
     [LN(x); extra_memory] under ``mask`` (the bottom-up aggregation layer: tokens read tokens and blocks).
     ``positions`` (N,) and ``memory_positions`` are the elements' ready positions, read by rotary positions only.
@@ -119,7 +122,8 @@ class TransformerBlock(nn.Module):
         self.attn = attention or MultiScaleAttention(
             dim, args.decoder_attention_heads, args.attention_dropout, getattr(args, "rotary_positions", False))
         self.ffn_norm = LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, args.decoder_ffn_embed_dim)
+        self.glu = getattr(args, "ffn_glu", False)
+        self.fc1 = nn.Linear(dim, args.decoder_ffn_embed_dim * (2 if self.glu else 1))
         self.fc2 = nn.Linear(args.decoder_ffn_embed_dim, dim)
         self.activation_fn = utils.get_activation_fn(args.activation_fn)
         self.dropout = FairseqDropout(args.dropout, module_name=type(self).__name__)
@@ -136,8 +140,13 @@ class TransformerBlock(nn.Module):
         return self.feed_forward(x)
 
     def feed_forward(self, x):
-        h = self.activation_dropout(self.activation_fn(self.fc1(self.ffn_norm(x))))
-        return x + self.dropout(self.fc2(h))
+        h = self.fc1(self.ffn_norm(x))  # (B, N, F), or (B, N, 2F) with --ffn-glu
+        if self.glu:
+            h, gate = h.chunk(2, dim=-1)
+            h = h * self.activation_fn(gate)  # (B, N, F)
+        else:
+            h = self.activation_fn(h)
+        return x + self.dropout(self.fc2(self.activation_dropout(h)))
 
     def step(self, x, t: int, cache: dict, name: str, extra_kv=None):
         """Incremental decoding of one new element x (B, 1, C) at position t (see the attention's step)."""

@@ -465,6 +465,45 @@ def table(results, opts):
     return "\n".join(lines) + "\n" + notes
 
 
+FAMILY_TITLES = {"bottom_up": "bottom-up", "top_down": "top-down", "retina": "retina", "vanilla": "vanilla"}
+
+
+def family_tables(results):
+    """One Markdown table per family (the README's): ours, the outside implementations of the same idea and
+    transformer_lm; under it, our best model (lowest valid ppl) against each peer in valid perplexity and activation
+    memory. Training tokens/s is shown but not judged here: the runs of a suite may meet different machine loads
+    (the benchmark times models side by side)."""
+    base = results.get(BASELINE)
+    sections = []
+    for family, title in FAMILY_TITLES.items():
+        rows = [r for r in results.values() if r["family"] == family]
+        if not rows:
+            continue
+        if base is not None and base not in rows:
+            rows.append(base)
+        lines = [f"#### {title}", "",
+                 "| model | implementation | layers | params | valid ppl | test ppl | activation MiB | train tokens/s |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ratio = (lambda key: f" ({r[key] / base[key]:.2f}x)" if base and r is not base else "")
+            lines.append(f"| {r['name']} | {r['implementation']} | {r['layout']} | {r['params'] / 1e6:.2f}M | "
+                         f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['activation_mib']:.1f}"
+                         f"{ratio('activation_mib')} | {r['train_tokens_per_s']:.0f}{ratio('train_tokens_per_s')} |")
+        ours = [r for r in rows if r["implementation"] == "ours" and r["family"] == family]
+        peers = [r for r in rows if r["implementation"] != "ours" and r["family"] == family and r is not base]
+        if ours and peers:
+            best = min(ours, key=lambda r: r["valid_ppl"])
+            lines.append("")
+            for peer in peers:
+                ppl, memory = best["valid_ppl"] / peer["valid_ppl"], best["activation_mib"] / peer["activation_mib"]
+                lost = [name for name, won in (("perplexity", ppl < 1), ("memory", memory <= 1)) if not won]
+                lines.append(f"- {best['name']} against {peer['name']}: valid ppl {ppl - 1:+.1%}, activation memory "
+                             f"{memory:.2f}x: " + ("**ours leads**" if not lost else f"**ours does not lead** "
+                                                                                     f"({', '.join(lost)})"))
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
 def peer_columns(r):
     reused = f" (from {os.path.dirname(os.path.dirname(r['reused_from']))})" if r.get("reused_from") else ""
     return f"{r['family']} | {r['implementation']}{reused} | "
@@ -636,6 +675,8 @@ def report(opts):
         json.dump(results, f, indent=1)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(table(results, opts))
+        if all("implementation" in r for r in results.values()):
+            f.write("\n### By family\n\n" + family_tables(results))
     plot(results, opts.out)
     if any(name in results for name in FRONTIER) and any("implementation" in r for r in results.values()):
         plot_frontier(results, opts.out)
