@@ -380,20 +380,26 @@ def check_activation_fn():
 
 @case("ffn_glu", False, True)
 def check_ffn_glu():
-    """Every Transformer layer's FFN: with --ffn-glu, fc1 makes 2F and the sublayer adds fc2(up * act(gate)) (F = 28,
-    gelu); without, fc2(act(fc1 h)). Recomputed from each layer's own weights on the input it got."""
+    """Every Transformer layer's FFN (--decoder-ffn-embed-dim 30, gelu): with --ffn-glu, fc1 makes two halves of
+    2/3 x 30 = 20 and the sublayer adds fc2(first half * gelu(second half)): the weights of a plain 30-wide FFN;
+    without, fc2(gelu(fc1 h)). Recomputed from each layer's own weights on random inputs."""
     for family in FAMILIES:
+        counts = []
         for glu in (False, True):
-            model = build(family, ffn_glu=glu, decoder_ffn_embed_dim=28, activation_fn="gelu")
+            model = build(family, ffn_glu=glu, decoder_ffn_embed_dim=30, activation_fn="gelu")
+            counts.append(parameter_count(model))
+            inner = 20 if glu else 30
             blocks = {name: m for name, m in model.named_modules() if isinstance(m, TransformerBlock)}
-            assert blocks and all(b.fc1.weight.shape == ((56 if glu else 28), 16) and b.fc2.weight.shape == (16, 28)
-                                  for b in blocks.values())
+            assert blocks and all(b.fc1.weight.shape == (2 * inner if glu else inner, 16)
+                                  and b.fc2.weight.shape == (16, inner) for b in blocks.values())
             for name, block in blocks.items():
                 x = torch.randn(2, 8, 16)
                 with torch.no_grad():
                     h = block.fc1(block.ffn_norm(x))
-                    inner = h[..., :28] * F.gelu(h[..., 28:]) if glu else F.gelu(h)
+                    inner = h[..., :20] * F.gelu(h[..., 20:]) if glu else F.gelu(h)
                     torch.testing.assert_close(block.feed_forward(x), x + block.fc2(inner), msg=name)
+        blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
+        assert counts[1] - counts[0] == blocks * 10, counts  # 30 biases of fc1 become 2 x 20
 
 
 def stochastic_layers(model):

@@ -80,8 +80,8 @@ class MsformerLMConfig(FairseqDataclass):
     ffn_glu: bool = field(
         default=False,
         metadata={"help": "gated feed-forward sublayers (GLU variants, Shazeer 2020): fc1 makes two halves of "
-                          "--decoder-ffn-embed-dim each and act(one half) gates the other (GEGLU with "
-                          "--activation-fn gelu, SwiGLU with swish); 2/3 of the usual FFN size keeps the parameters"},
+                          "2/3 of --decoder-ffn-embed-dim each (the same parameters as the plain FFN) and act(one "
+                          "half) gates the other: GEGLU with --activation-fn gelu, as local-attention's FFN"},
     )
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and residual branches"})
     attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})

@@ -107,7 +107,8 @@ class TransformerBlock(nn.Module):
     """Pre-norm layer: x + Attn(LN(x) -> memory), then x + FFN(LN(x)).
 
     The FFN is fc2(act(fc1(h))), or with --ffn-glu a gated linear unit (Shazeer 2020; GEGLU with --activation-fn
-    gelu, as local-attention's FFN): fc1 gives two halves of --decoder-ffn-embed-dim each, one gates the other.
+    gelu, as local-attention's FFN): fc1 gives two halves, act(one) gates the other. The halves are 2/3 of
+    --decoder-ffn-embed-dim wide, so that switching it on keeps the parameters (as local-attention does).
 
     Without ``extra_memory`` it is causal self-attention within one scale. With it, the queries read
     [LN(x); extra_memory] under ``mask`` (the bottom-up aggregation layer: tokens read tokens and blocks).
@@ -123,8 +124,9 @@ class TransformerBlock(nn.Module):
             dim, args.decoder_attention_heads, args.attention_dropout, getattr(args, "rotary_positions", False))
         self.ffn_norm = LayerNorm(dim)
         self.glu = getattr(args, "ffn_glu", False)
-        self.fc1 = nn.Linear(dim, args.decoder_ffn_embed_dim * (2 if self.glu else 1))
-        self.fc2 = nn.Linear(args.decoder_ffn_embed_dim, dim)
+        inner = args.decoder_ffn_embed_dim * 2 // 3 if self.glu else args.decoder_ffn_embed_dim  # F
+        self.fc1 = nn.Linear(dim, 2 * inner if self.glu else inner)
+        self.fc2 = nn.Linear(inner, dim)
         self.activation_fn = utils.get_activation_fn(args.activation_fn)
         self.dropout = FairseqDropout(args.dropout, module_name=type(self).__name__)
         self.activation_dropout = FairseqDropout(args.activation_dropout, module_name=type(self).__name__)

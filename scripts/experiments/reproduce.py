@@ -142,6 +142,11 @@ SUITES["peers"] = {
     # transformer_lm's equal); ours with --rotary-positions, each family's main model otherwise unchanged
     **{name + "_rotary": (SUITES["main"][name][0] + ["--rotary-positions"], SUITES["main"][name][1] + ", rotary")
        for name in ("bottom_up_2_8", "top_down", "retina")},
+    # and local-attention's gated FFN (GEGLU, the same parameters as ours): local-attention, a window of 64 tokens
+    # and nothing more, led every other model by far in its run
+    **{name + "_rotary_glu": (SUITES["main"][name][0] + ["--rotary-positions", "--ffn-glu", "--activation-fn", "gelu"],
+                              SUITES["main"][name][1] + ", rotary, GEGLU")
+       for name in ("bottom_up_2_8", "top_down", "retina")},
 }
 FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
 SUITE_UPDATES = {"main": 1200, "ablation": 400, "peers": 1200}
