@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=14, help="transformer_lm layers L (and retina's token layers)")
     p.add_argument("--bottom-up-arch", default="msformer_lm_bottom_up_paper", help="bottom_up preset")
     p.add_argument("--top-down-arch", default="msformer_lm_top_down_paper", help="top_down preset")
+    p.add_argument("--our-options", default="", help="options for all three of our families, e.g. "
+                                                      "'rotary_positions=True ffn_glu=True activation_fn=gelu'")
     p.add_argument("--bottom-up-options", default="", help="override the preset: 'scale_layers=8,18 token_layers=2'")
     p.add_argument("--top-down-options", default="", help="override the preset: 'scale_layers=12,14 token_layers=4'")
     p.add_argument("--retina-windows", default="64,256,-1", help="retina: horizons per scale (W first)")
@@ -149,15 +151,24 @@ def build(name, opts, task, max_positions):
         options.update(token_layers=opts.layers, retina_windows=opts.retina_windows)
     if opts.pool_factors:
         options["pool_factors"] = opts.pool_factors
-    overrides = {"bottom_up": opts.bottom_up_options, "top_down": opts.top_down_options}.get(name, "")
-    for item in overrides.split():  # key=value, as the dataclass field names (ints stay strings where they are)
-        key, _, value = item.partition("=")
-        options[key] = int(value) if value.isdigit() else value
+    options.update(parse_overrides(opts.our_options))
+    options.update(parse_overrides({"bottom_up": opts.bottom_up_options, "top_down": opts.top_down_options}.get(name, "")))
     args = argparse.Namespace(**options)
     ARCH_CONFIG_REGISTRY[arch](args)
     fill_dataclass_defaults(args, MsformerLMConfig)
     model = MsformerLanguageModel.build_model(args, task)
-    return model, f"{arch}: {count_layers(model)} layers ({layout(args)})"
+    extras = [name for name, on in (("rotary", args.rotary_positions), (f"{args.activation_fn} GLU", args.ffn_glu)) if on]
+    return model, f"{arch}: {count_layers(model)} layers ({', '.join([layout(args)] + extras)})"
+
+
+def parse_overrides(text):
+    """'key=value ...' as dataclass field names -> {key: value}: digits become ints, True/False booleans, the rest
+    stays a string (comma lists such as scale_layers=8,18 are strings in the dataclass too)."""
+    options = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else {"True": True, "False": False}.get(value, value)
+    return options
 
 
 def build_peer(name, opts, task, options):
@@ -169,9 +180,8 @@ def build_peer(name, opts, task, options):
     options.update(peer_layouts(opts)[name])
     for item in opts.peer_options.split():  # peer.key=value
         target, _, assignment = item.partition(".")
-        key, _, value = assignment.partition("=")
         if target == name:
-            options[key] = int(value) if value.isdigit() else value
+            options.update(parse_overrides(assignment))
     model_cls = ARCH_MODEL_REGISTRY[name]
     args = argparse.Namespace(**options)
     fill_dataclass_defaults(args, model_cls.__dataclass)
