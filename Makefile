@@ -33,8 +33,9 @@ $(VENV)/.peers-installed: $(VENV)/.installed requirements-peers.txt
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/experiments/demo.sh
 
+# one pytest worker per core (pytest-xdist); a file's tests stay on one worker, so module fixtures are built once
 test: install peers
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n auto --dist loadfile
 
 # The edit-test loop (under 2 minutes on 2 cores): the test files that build models in this process and start no
 # process (no fairseq CLI, no script): leaks, influence, incremental decoding, retina, precision, options.
