@@ -124,12 +124,20 @@ def test_op_keeps_its_input_dtype(op, module_dtype, input_dtype, autocast):
         assert module.weight.dtype == module_dtype, "a grown sinusoidal table must keep the model's dtype"
 
 
+def family_id(arch, options):
+    return arch + ("-rotary-glu" if options.get("rotary_positions") else "")
+
+
 DTYPE_FAMILIES = [  # every stream-starting projection and dtype-keeping op in use
     ("msformer_lm_bottom_up", dict(pool_factors="2,2", scale_layers="1,1", token_layers_before_pooling=1,
                                    pool_type="linear", bottom_up_combine="both")),
     ("msformer_lm_top_down", dict(pool_factors="4,2", scale_layers="1,1", shift_rule="hourglass",
                                   top_down_combine="concat", pool_type="linear")),
     ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", pool_type="linear")),
+    # rotary positions and gated FFNs (their cos/sin tables are built in fp32 and cast to the activations' dtype)
+    ("msformer_lm_bottom_up", dict(pool_factors="2,2", scale_layers="1,1", bottom_up_combine="both",
+                                   rotary_positions=True, ffn_glu=True, activation_fn="gelu")),
+    ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", rotary_positions=True, ffn_glu=True)),
 ]
 STREAMS = (TransformerBlock, LayerStack, BottomUp, TopDown, Retina)  # residual streams in, residual streams out
 KEEPS_DTYPE = (BlockPool, CausalUpsample, ScalePositions, FairseqDropout)
@@ -194,7 +202,7 @@ def is_key_or_value(entry: str) -> bool:
 
 
 @pytest.mark.parametrize("half", HALF)
-@pytest.mark.parametrize("arch,options", DTYPE_FAMILIES, ids=[a for a, _ in DTYPE_FAMILIES])
+@pytest.mark.parametrize("arch,options", DTYPE_FAMILIES, ids=[family_id(*f) for f in DTYPE_FAMILIES])
 def test_autocast_keeps_residual_streams_fp32(arch, options, half):
     """--amp: per module, streams fp32 in and out, dtype-keeping ops keep theirs, every projection half; attention
     and caches as the audit set them; logits in the autocast dtype, normalised in fp32."""
@@ -226,7 +234,7 @@ def test_autocast_keeps_residual_streams_fp32(arch, options, half):
 
 
 @pytest.mark.parametrize("half", HALF)
-@pytest.mark.parametrize("arch,options", DTYPE_FAMILIES, ids=[a for a, _ in DTYPE_FAMILIES])
+@pytest.mark.parametrize("arch,options", DTYPE_FAMILIES, ids=[family_id(*f) for f in DTYPE_FAMILIES])
 def test_half_model_computes_in_half_at_every_module(arch, options, half):
     """--fp16 / --bf16: no module takes or returns another floating dtype, also past the training length (the
     sinusoidal tables grow in half); attention and caches in half; logits half, normalised in fp32."""
@@ -257,6 +265,8 @@ FAMILIES = [
     ("msformer_lm_top_down", dict(pool_factors="4,2", scale_layers="1,1", shift_rule="hourglass",
                                   top_down_combine="concat")),
     ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", pool_type="max")),
+    ("msformer_lm_top_down", dict(pool_factors="4,2", scale_layers="1,1", rotary_positions=True, ffn_glu=True,
+                                  activation_fn="gelu")),
 ]
 
 # Our half-precision log-probabilities may deviate from fp32 by at most this many times as much as transformer_lm's
@@ -268,7 +278,7 @@ FAMILIES = [
 YARDSTICK_FACTOR = 2.0
 
 
-@pytest.mark.parametrize("arch,options", FAMILIES, ids=[a for a, _ in FAMILIES])
+@pytest.mark.parametrize("arch,options", FAMILIES, ids=[family_id(*f) for f in FAMILIES])
 def test_bfloat16_forward_and_incremental(arch, options):
     model, dictionary = build_model(arch, token_layers=2, decoder_learned_pos=True, **options)
     tokens = random_tokens(dictionary, 2, 23, torch.Generator().manual_seed(6))
@@ -316,7 +326,7 @@ def half_precision_deviation(model, tokens, mode: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["autocast", "model"])
-@pytest.mark.parametrize("arch,options", FAMILIES, ids=[a for a, _ in FAMILIES])
+@pytest.mark.parametrize("arch,options", FAMILIES, ids=[family_id(*f) for f in FAMILIES])
 def test_half_precision_training_step_as_close_to_fp32_as_transformer_lm(arch, options, mode, dtype):
     """Forward and backward (training mode, every position of an off-grid batch) under autocast (--amp) and as a
     half model (--fp16 / --bf16); log-probabilities against fp32, with transformer_lm of the same size alongside."""
