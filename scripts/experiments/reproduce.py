@@ -526,8 +526,8 @@ def plot_frontier(results, out):
     colours = {"vanilla": "tab:gray", "bottom_up": "tab:blue", "top_down": "tab:orange", "retina": "tab:green"}
     frontier = [results[n] for n in FRONTIER if n in results]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, key, scale, label in ((axes[0], "activation_mib", 1.0, "activation memory: MiB saved for backward per step"),
-                                  (axes[1], "train_seconds", 1 / 60, "training minutes (train steps only; runs met different machine loads)")):
+    for ax, key, scale, label in ((axes[0], "activation_mib", 1.0, "activation memory\n(MiB saved for backward per step)"),
+                                  (axes[1], "train_seconds", 1 / 60, "training minutes\n(train steps only; runs met different loads)")):
         points = sorted((r[key] * scale, r["valid_ppl"], r["layers"], r["params"]) for r in frontier)
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="black", lw=1.5, ms=5,
                 label="transformer_lm at 2/4/6/8 layers (vanilla frontier)")
