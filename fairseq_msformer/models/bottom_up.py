@@ -20,12 +20,6 @@ from ..modules import (
 from ..modules.attention import append_cache
 
 
-def t_positions(attn, blocks, t: int):
-    """(n_new,) positions of the blocks formed at step t (all ready at t), or None without rotary positions."""
-    position = attn.step_position(blocks, t)
-    return None if position is None else position.expand(blocks.size(1))
-
-
 class BottomUp(nn.Module):
     def __init__(self, args, grid, plan):
         super().__init__()
@@ -89,7 +83,7 @@ class BottomUp(nn.Module):
         attn = self.aggregate.attn
         if new_blocks:
             blocks = torch.cat(new_blocks, dim=1)  # (B, n_new, C), every block formed at t is ready at t
-            append_cache(cache, "aggregate.blocks.k", attn.rotate(attn.k_proj(blocks), t_positions(attn, blocks, t)))
+            append_cache(cache, "aggregate.blocks.k", attn.rotate(attn.k_proj(blocks), attn.step_position(blocks, t)))
             append_cache(cache, "aggregate.blocks.v", attn.v_proj(blocks))
         extra_kv = (cache["aggregate.blocks.k"], cache["aggregate.blocks.v"]) if "aggregate.blocks.k" in cache else None
         x = self.aggregate.step(x, t, cache, "aggregate", extra_kv=extra_kv)

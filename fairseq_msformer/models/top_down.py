@@ -39,12 +39,11 @@ class TopDown(nn.Module):
         h = None
         for s in reversed(range(self.grid.num_scales)):
             inputs = pyramid[s] if s == 0 else self.positions[s - 1](pyramid[s])
+            ready = self.grid.ready(s, inputs.size(1), x.device)  # (N_s,) the causality rule; rotary positions
             if h is not None:
-                index = upsample_index(
-                    self.grid.ready(s, inputs.size(1), x.device), self.grid.ready(s + 1, h.size(1), x.device)
-                )
+                index = upsample_index(ready, self.grid.ready(s + 1, h.size(1), x.device))
                 inputs = self.with_context(s, inputs, self.upsamples[s](h, index))  # newest ready coarser block
-            h = self.stacks[s](inputs, inner_states, self.grid.ready(s, inputs.size(1), x.device))
+            h = self.stacks[s](inputs, inner_states, ready)
         return h
 
     def with_context(self, s: int, inputs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

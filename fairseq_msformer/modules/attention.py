@@ -99,8 +99,9 @@ class MultiScaleAttention(nn.Module):
         return self.attend(x, self.split_heads(keys), self.split_heads(values), positions=position)
 
     def step_position(self, x: torch.Tensor, t: int) -> Optional[torch.Tensor]:
-        """(1,) the position of what a decoding step at t forms (it is ready at t), or None without rotary."""
-        return None if self.rotary is None else torch.full((1,), t, device=x.device)
+        """(N,) positions of the N elements of x (B, N, C) that a decoding step at t forms (each is ready at t), or
+        None without rotary positions."""
+        return None if self.rotary is None else torch.full((x.size(1),), t, device=x.device)
 
 
 class TransformerBlock(nn.Module):

@@ -107,7 +107,7 @@ BUGS = [
         "dropout=args.dropout,", "the adaptive softmax tails use --dropout instead of --adaptive-softmax-dropout"),
     # --- rotary positions and the gated FFN (issue 16)
     Bug("rotary_block_index", "models/top_down.py",
-        "h = self.stacks[s](inputs, inner_states, self.grid.ready(s, inputs.size(1), x.device))",
+        "h = self.stacks[s](inputs, inner_states, ready)",
         "h = self.stacks[s](inputs, inner_states, torch.arange(inputs.size(1), device=x.device))",
         "top-down: a scale's layers rotate blocks by their index, not by the token position they are ready at"),
     Bug("retina_rotary_query_unrotated", "modules/retina_attention.py",

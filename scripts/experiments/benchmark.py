@@ -157,7 +157,8 @@ def build(name, opts, task, max_positions):
     ARCH_CONFIG_REGISTRY[arch](args)
     fill_dataclass_defaults(args, MsformerLMConfig)
     model = MsformerLanguageModel.build_model(args, task)
-    extras = [name for name, on in (("rotary", args.rotary_positions), (f"{args.activation_fn} GLU", args.ffn_glu)) if on]
+    extras = [label for label, on in (("rotary", args.rotary_positions), (f"{args.activation_fn} GLU", args.ffn_glu))
+              if on]
     return model, f"{arch}: {count_layers(model)} layers ({', '.join([layout(args)] + extras)})"
 
 
