@@ -495,7 +495,7 @@ def family_tables(results):
             lines.append(f"| {r['name']} | {r['implementation']} | {r['layout']} | {r['params'] / 1e6:.2f}M | "
                          f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['activation_mib']:.1f}{ratio} |")
         ours = [r for r in rows if r["implementation"] == "ours"] if family != "vanilla" else ours_all
-        peers = [r for r in rows if r["implementation"] != "ours" and not r["name"].startswith(BASELINE)]
+        peers = [r for r in rows if r["implementation"] != "ours" and r["name"] not in FRONTIER]
         if ours and peers:
             best = min(ours, key=lambda r: r["valid_ppl"])
             lines.append("")
@@ -527,7 +527,7 @@ def plot_frontier(results, out):
     frontier = [results[n] for n in FRONTIER if n in results]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, key, scale, label in ((axes[0], "activation_mib", 1.0, "activation memory\n(MiB saved for backward per step)"),
-                                  (axes[1], "train_seconds", 1 / 60, "training minutes\n(train steps only; runs met different loads)")):
+                                  (axes[1], "train_seconds", 1 / 60, "training minutes\n(train steps only; machine load may differ between runs)")):
         points = sorted((r[key] * scale, r["valid_ppl"], r["layers"], r["params"]) for r in frontier)
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="black", lw=1.5, ms=5,
                 label="transformer_lm at 2/4/6/8 layers (vanilla frontier)")
@@ -581,7 +581,7 @@ def plot(results, out):
     if later:  # the first validations are far above the rest: show where the models differ
         axes[0].set_ylim(min(later) * 0.97, max(later) * 1.05)
     axes[0].set_xlabel("training tokens (millions)")
-    axes[1].set_xlabel("training minutes (train steps only; runs met different machine loads)")
+    axes[1].set_xlabel("training minutes (train steps only; machine load may differ between runs)")
     axes[0].set_ylabel("validation perplexity")
     for ax in axes:
         ax.set_yscale("log")
