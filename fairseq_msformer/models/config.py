@@ -97,8 +97,13 @@ class MsformerLMConfig(FairseqDataclass):
         default=False,
         metadata={"help": "rotary positions (RoFormer; x-transformers' default) in every attention layer: queries "
                           "and keys rotated by their ready positions in tokens (a block sits at the last token it "
-                          "may depend on), on half of each head's dimensions; the absolute positions are still "
-                          "added unless --no-token-positional-embeddings"},
+                          "may depend on), on --rotary-fraction of each head's dimensions; the absolute "
+                          "positions are still added unless --no-token-positional-embeddings"},
+    )
+    rotary_fraction: float = field(
+        default=0.5,
+        metadata={"help": "with --rotary-positions: the fraction of each head's dimensions rotated, in (0, 1] "
+                          "(0.5: x-transformers' default; 1: all, as local-attention and MEGABYTE)"},
     )
     no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by sqrt(dim)"})
     share_decoder_input_output_embed: bool = field(
@@ -221,6 +226,8 @@ def check_config(args, vocab_size: int, tokens_per_sample: int) -> ScalePlan:
     for option in ("token_layers", "token_layers_before_pooling"):
         if getattr(args, option) < 0:
             raise MsformerConfigError(f"--{option.replace('_', '-')}: must be >= 0")
+    if not 0 < args.rotary_fraction <= 1:
+        raise MsformerConfigError(f"--rotary-fraction: must be in (0, 1], got {args.rotary_fraction}")
     if args.decoder_attention_heads < 1:
         raise MsformerConfigError(f"--decoder-attention-heads: must be >= 1, got {args.decoder_attention_heads}")
     if args.decoder_embed_dim % args.decoder_attention_heads != 0:

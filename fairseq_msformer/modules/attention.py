@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fairseq import utils
 from fairseq.modules import FairseqDropout, LayerNorm
 
-from .positions import RotaryPositions
+from .positions import RotaryPositions, rotary_fraction
 
 
 def append_cache(cache: dict, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -32,13 +32,14 @@ def append_cache(cache: dict, name: str, value: torch.Tensor) -> torch.Tensor:
 class MultiScaleAttention(nn.Module):
     """Multi-head attention of queries (B, Tq, C) over a memory (B, Tk, C)."""
 
-    def __init__(self, dim: int, num_heads: int, attention_dropout: float, rotary: bool = False):
+    def __init__(self, dim: int, num_heads: int, attention_dropout: float, rotary_fraction: float = 0.0):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} attention heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.attention_dropout = attention_dropout
-        self.rotary = RotaryPositions(self.head_dim) if rotary else None
+        # rotary positions on this fraction of each head's dimensions (0: none)
+        self.rotary = RotaryPositions(self.head_dim, rotary_fraction) if rotary_fraction > 0 else None
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -122,7 +123,7 @@ class TransformerBlock(nn.Module):
         self.attn_norm = LayerNorm(dim)
         # any module with .self_attention(x) (and, for extra_memory, MultiScaleAttention's call signature)
         self.attn = attention or MultiScaleAttention(
-            dim, args.decoder_attention_heads, args.attention_dropout, getattr(args, "rotary_positions", False))
+            dim, args.decoder_attention_heads, args.attention_dropout, rotary_fraction(args))
         self.ffn_norm = LayerNorm(dim)
         self.glu = getattr(args, "ffn_glu", False)
         inner = args.decoder_ffn_embed_dim * 2 // 3 if self.glu else args.decoder_ffn_embed_dim  # F

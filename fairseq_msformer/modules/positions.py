@@ -64,13 +64,14 @@ class RotaryPositions(nn.Module):
     block sits at the last token it may depend on), so a token reading a block sees how far back the block's
     information lies, in the same units as it sees other tokens. fairseq's RotaryPositionalEmbedding serves only
     contiguous positions 0..T-1, and its cached table keeps the device it was first built on; this computes the
-    angles of the positions it is given. As x-transformers does by default, half of each head's dimensions are
-    rotated (rotary_emb_dim = dim_head // 2) and the rest carry content only.
+    angles of the positions it is given. The first ``fraction`` of each head's dimensions is rotated and the rest
+    carry content only: half by default, as x-transformers (rotary_emb_dim = dim_head // 2); local-attention and
+    MEGABYTE rotate all of them (fraction 1).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, fraction: float = 0.5, base: float = 10000.0):
         super().__init__()
-        self.dim = max(2, head_dim // 2 // 2 * 2)  # even: the rotated dimensions form pairs
+        self.dim = max(2, int(head_dim * fraction) // 2 * 2)  # even: the rotated dimensions form pairs
         self.base = base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -82,3 +83,8 @@ class RotaryPositions(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rotated, rest = x[..., :d], x[..., d:]
         return torch.cat([rotated * cos + rotate_half(rotated) * sin, rest], dim=-1)
+
+
+def rotary_fraction(args) -> float:
+    """The fraction of each head's dimensions rotated: --rotary-fraction with --rotary-positions, else 0 (none)."""
+    return args.rotary_fraction if getattr(args, "rotary_positions", False) else 0.0

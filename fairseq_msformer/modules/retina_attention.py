@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiScaleAttention, append_cache
 from .pooling import BlockPool
-from .positions import coarse_scale_positions
+from .positions import coarse_scale_positions, rotary_fraction
 
 
 def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -> list:
@@ -135,7 +135,7 @@ class RetinaAttention(nn.Module):
         dim = args.decoder_embed_dim
         self.grid, self.window, self.blocks = grid, window, list(blocks)
         self.attn = MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout,
-                                        getattr(args, "rotary_positions", False))
+                                        rotary_fraction(args))
         # keys and values of scale s are pooled from those of scale s - 1 (complete-block rule only)
         self.key_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim) for r in grid.pool_factors)
         self.value_pools = nn.ModuleList(BlockPool(r, args.pool_type, dim) for r in grid.pool_factors)

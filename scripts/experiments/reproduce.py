@@ -111,6 +111,9 @@ SUITES = {
     },
 }
 
+RETINA_LOCAL_LIKE = ["--rotary-positions", "--rotary-fraction", "1", "--ffn-glu", "--activation-fn", "gelu"]
+
+
 def peer(arch, *options):
     return ["--arch", arch, *options]
 
@@ -147,6 +150,13 @@ SUITES["peers"] = {
     **{name + "_rotary_glu": (SUITES["main"][name][0] + ["--rotary-positions", "--ffn-glu", "--activation-fn", "gelu"],
                               SUITES["main"][name][1] + ", rotary, GEGLU")
        for name in ("bottom_up_2_8", "top_down", "retina")},
+    # retina still trailed local-attention (+1.0%), which rotates every dimension of a head (ours: half, as
+    # x-transformers) and reads 64 to 127 tokens back at full resolution (its window and the one before it)
+    "retina_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE, "4 token layers (W=64, /4 to 256, "
+                               "/16 beyond), rotary on all dims, GEGLU"),
+    "retina_w128_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-windows", "128,320,-1"],
+                                    "4 token layers (W=128, /4 to 320, /16 beyond), rotary on all dims, GEGLU"),
+    "peer_local_128": (peer("peer_local", "--local-layers", "4", "--local-window", "128"), "4 layers, window 128"),
 }
 FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
 SUITE_UPDATES = {"main": 1200, "ablation": 400, "peers": 1200}
