@@ -142,8 +142,10 @@ def test_no_future_leakage_with_dropout(make_model, config):
 
 
 # rotary positions (--rotary-positions) rotate queries and keys by ready positions: every other config of each
-# family, every shift rule, combine mode and pooling type among them; every other one of those with gated FFNs too
-ROTARY_CASES = [pytest.param(*case.values, {"ffn_glu": i % 2 == 1}, id=case.id + ("-rotary-glu" if i % 2 else "-rotary"))
+# family, every shift rule, combine mode and pooling type among them; every other one of those with gated FFNs too,
+# and every third one rotating all of each head's dimensions (--rotary-fraction 1)
+ROTARY_CASES = [pytest.param(*case.values, {"ffn_glu": i % 2 == 1, "rotary_fraction": 1.0 if i % 3 == 2 else 0.5},
+                             id=case.id + ("-rotary-glu" if i % 2 else "-rotary") + ("-all-dims" if i % 3 == 2 else ""))
                 for i, case in enumerate(CASES[::2])]
 
 

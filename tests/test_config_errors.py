@@ -31,6 +31,7 @@ BAD = [
      "fairseq-msformer: error: --retina-windows: '16,12,-1' is unordered"),
     (["--arch", "msformer_lm_retina_tiny", "--retina-windows", "16,18,-1"],
      "fairseq-msformer: error: --retina-windows: '16,18,-1' overlaps"),
+    (["--rotary-positions", "--rotary-fraction", "0"], "fairseq-msformer: error: --rotary-fraction: must be in (0, 1]"),
     (["--adaptive-softmax-cutoff", "99999", "--criterion", "adaptive_loss"],
      "fairseq-msformer: error: --adaptive-softmax-cutoff: cutoff 99999 is above the vocabulary size"),
 ]

@@ -44,6 +44,9 @@ CONFIGS.update({name + "-rotary": (arch, dict(options, rotary_positions=True)) f
                             "retina-2,2-bounded-linear")})
 CONFIGS.update({name + "-glu": (arch, dict(options, ffn_glu=True, activation_fn="gelu"))
                 for name, (arch, options) in list(CONFIGS.items()) if name in ("bottom_up-2,3-both-rotary", "top_down-2,3-concat-rotary", "retina-4,4-per-layer-rotary")})
+# rotating all of each head's dimensions (--rotary-fraction 1, local-attention's choice)
+CONFIGS.update({name + "-all-dims": (arch, dict(options, rotary_fraction=1.0)) for name, (arch, options) in list(CONFIGS.items())
+                if name in ("bottom_up-2,3-both-rotary-glu", "top_down-4,4-hourglass-rotary", "retina-4,4-per-layer-rotary-glu")})
 
 
 def model_for(name):

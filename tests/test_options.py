@@ -495,17 +495,46 @@ def check_rotary_positions():
         assert seen == Counter(rotations), (family, rule, seen)
 
 
+@case("rotary_fraction", 0.5, 1.0, 0.25)
+def check_rotary_fraction():
+    """With --rotary-positions, every rotation (queries and keys, every scale) turns the first fraction x head_dim
+    of each head's dimensions (head_dim 8: 4, 8, 2) and leaves the rest as they are; away from position 0 every
+    turned pair moves."""
+    real = RotaryPositions.forward
+    for family in FAMILIES:
+        models = {f: build(family, rotary_positions=True, rotary_fraction=f) for f in (0.5, 1.0, 0.25)}
+        assert not torch.equal(logits(models[0.5]), logits(models[1.0]))
+        for fraction, model in models.items():
+            turned = set()
+
+            def recording(module, x, positions):
+                out = real(module, x, positions)
+                moved = (out != x)[:, positions > 0]  # (B, N', H, D)
+                turned.add(tuple(moved.flatten(0, 2).any(0).tolist()))
+                return out
+
+            RotaryPositions.forward = recording
+            try:
+                logits(model)
+            finally:
+                RotaryPositions.forward = real
+            rotated = int(8 * fraction)  # the tiny models' heads: 16 / 2 = 8 dimensions
+            assert turned == {(True,) * rotated + (False,) * (8 - rotated)}, (family, fraction, turned)
+
+
 def test_rotary_scores_depend_on_distance_only():
-    """RotaryPositions: a rotated query at p and key at p' score by p - p' alone, and the second half of each
-    head's dimensions is left as it is (x-transformers' default: half of dim_head rotated)."""
-    rotary, q, k = RotaryPositions(8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
-    def score(p, p_key):
-        rq, rk = rotary(q, torch.tensor([p])), rotary(k, torch.tensor([p_key]))
-        assert torch.equal(rq[..., 4:], q[..., 4:]) and torch.equal(rq[..., :4], q[..., :4]) == (p == 0)
-        return (rq * rk).sum(-1)
-    torch.testing.assert_close(score(7, 3), score(104, 100))
-    torch.testing.assert_close(score(0, 0), (q * k).sum(-1))
-    assert not torch.allclose(score(7, 3), score(7, 5))
+    """RotaryPositions: a rotated query at p and key at p' score by p - p' alone, whether half of each head's
+    dimensions is rotated (x-transformers' default; the second half left as it is) or all of them."""
+    for fraction, rotated in ((0.5, 4), (1.0, 8)):
+        rotary, q, k = RotaryPositions(8, fraction), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+        def score(p, p_key):
+            rq, rk = rotary(q, torch.tensor([p])), rotary(k, torch.tensor([p_key]))
+            assert torch.equal(rq[..., rotated:], q[..., rotated:])
+            assert torch.equal(rq[..., :rotated], q[..., :rotated]) == (p == 0)
+            return (rq * rk).sum(-1)
+        torch.testing.assert_close(score(7, 3), score(104, 100))
+        torch.testing.assert_close(score(0, 0), (q * k).sum(-1))
+        assert not torch.allclose(score(7, 3), score(7, 5))
 
 
 def body_input(model):
