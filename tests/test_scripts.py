@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -54,6 +56,17 @@ def test_reproduce_quick_is_resumable(tmp_path, small_corpus):
         assert os.path.getsize(out_dir / name) > 0
     again = run("experiments/reproduce.py", *options)
     assert again.count("done earlier") == 2 and "[1/2]" not in again  # nothing trained again
+    # a repeat at another seed: one more run, kept beside the first; the report gives the mean and spread
+    repeated = run("experiments/reproduce.py", *options, "--only", "bottom_up", "--repeat-seeds", "2")
+    assert repeated.count("done earlier") == 1 and "[2/2]" in repeated
+    seed2 = json.load(open(out_dir / "runs" / "bottom_up.seed2.json"))
+    assert seed2["settings"]["seed"] == 2 and seed2["valid_ppl"] != results["bottom_up"]["valid_ppl"]
+    results = json.load(open(out_dir / "results.json"))
+    bottom_up = results["bottom_up"]
+    assert bottom_up["seeds"] == [1, 2] and bottom_up["valid_ppl"] == bottom_up["valid_ppls"][0]
+    assert bottom_up["valid_ppl_mean"] == pytest.approx((bottom_up["valid_ppls"][0] + seed2["valid_ppl"]) / 2)
+    assert "seeds" not in results["transformer_lm"]
+    assert "(2 seeds:" in open(out_dir / "results.md").read()
 
 
 def test_fast_subset_is_what_the_planted_bugs_run():

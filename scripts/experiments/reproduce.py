@@ -26,11 +26,13 @@ implementation, and two plots put every model against the frontier (perplexity v
 training time). A model whose options and settings equal a main-suite run in docs/main is taken from there.
 """
 import argparse
+import glob
 import json
 import logging
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -154,8 +156,10 @@ SUITES["peers"] = {
     # x-transformers) and reads 64 to 127 tokens back at full resolution (its window and the one before it)
     "retina_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE, "4 token layers (W=64, /4 to 256, "
                                "/16 beyond), rotary on all dims, GEGLU"),
-    "retina_w128_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-windows", "128,320,-1"],
-                                    "4 token layers (W=128, /4 to 320, /16 beyond), rotary on all dims, GEGLU"),
+    # NSA's learned compression of older blocks: keys and values pooled by a learned projection, not averaged
+    "retina_linear_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--pool-type", "linear"],
+                                      "4 token layers (W=64, /4 to 256, /16 beyond), linear pooling, rotary on all "
+                                      "dims, GEGLU"),
     "peer_local_128": (peer("peer_local", "--local-layers", "4", "--local-window", "128"), "4 layers, window 128"),
 }
 FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
@@ -183,7 +187,10 @@ def parse_args(argv=None):
     p.add_argument("--validate-every", type=int, default=100, help="updates between validations (the curves)")
     p.add_argument("--context-window", type=int, default=256, help="fairseq-eval-lm --context-window")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per training run")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="the seed of every model's run (the tables' figures)")
+    p.add_argument("--repeat-seeds", type=int, nargs="+", default=[],
+                   help="also train each model with these seeds (runs/<model>.seed<N>.json): the tables then give "
+                        "the mean and spread of valid perplexity over all its seeds")
     p.add_argument("--quick", action="store_true", help="tiny models, a few updates: checks the pipeline")
     opts = p.parse_args(argv)
     opts.updates = opts.updates or SUITE_UPDATES[opts.suite]
@@ -470,8 +477,8 @@ def table(results, opts):
     threads = "/".join(str(t) for t in sorted({r["threads"] for r in results.values()}))
     batch = max(1, opts.max_tokens // opts.tokens_per_sample)
     notes = (f"\n{opts.updates} updates of {opts.max_tokens} tokens (T = {opts.tokens_per_sample}), seed {opts.seed}, "
-             f"one run per model, {threads} thread(s), CPU fp32. Perplexity: fairseq-eval-lm --tokens-per-sample "
-             f"{opts.tokens_per_sample} --context-window {opts.context_window}. Activation MiB: bytes saved for "
+             f"one run per model (runs at other seeds: the per-family tables), {threads} thread(s), CPU fp32. "
+             f"Perplexity: fairseq-eval-lm --tokens-per-sample {opts.tokens_per_sample} --context-window {opts.context_window}. Activation MiB: bytes saved for "
              f"backward by one training step (model + adaptive_loss) on {batch} x {opts.tokens_per_sample} tokens; "
              f"peak RSS: the fairseq-train process. Train tokens/s: training tokens / training seconds (validation "
              f"and checkpointing excluded; see read_log). Ratios are to {BASELINE}. 'valid ppl at' and 'min to': "
@@ -486,8 +493,9 @@ FAMILY_TITLES = {"bottom_up": "bottom-up", "top_down": "top-down", "retina": "re
 def family_tables(results):
     """One Markdown table per family (the README's): ours, the outside implementations of the same idea and
     transformer_lm; under it, our best model (lowest valid ppl) against each peer in valid perplexity and activation
-    memory. The vanilla table judges our best model of any family against the vanilla peers. Training speed is left
-    to the benchmark: the runs of a suite may meet different machine loads."""
+    memory. The vanilla table judges our best model of any family against the vanilla peers. Models run at several
+    seeds (--repeat-seeds) are judged by their mean valid perplexity, the others by their one run; each verdict says
+    which. Training speed is left to the benchmark: the runs of a suite may meet different machine loads."""
     base = results.get(BASELINE)
     ours_all = [r for r in results.values() if r["implementation"] == "ours"]
     sections = []
@@ -498,25 +506,41 @@ def family_tables(results):
         if base is not None and base not in rows:
             rows.append(base)
         lines = [f"#### {title}", "",
-                 "| model | implementation | layers | params | valid ppl | test ppl | activation MiB |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| model | implementation | layers | params | valid ppl | valid ppl over seeds (mean ± sd) | "
+                 "test ppl | activation MiB |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ratio = f" ({r['activation_mib'] / base['activation_mib']:.2f}x)" if base and r is not base else ""
             lines.append(f"| {r['name']} | {r['implementation']} | {r['layout']} | {r['params'] / 1e6:.2f}M | "
-                         f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['activation_mib']:.1f}{ratio} |")
+                         f"{r['valid_ppl']:.2f} | {over_seeds(r)} | {r['test_ppl']:.2f} | "
+                         f"{r['activation_mib']:.1f}{ratio} |")
         ours = [r for r in rows if r["implementation"] == "ours"] if family != "vanilla" else ours_all
         peers = [r for r in rows if r["implementation"] != "ours" and r["name"] not in FRONTIER]
         if ours and peers:
-            best = min(ours, key=lambda r: r["valid_ppl"])
+            best = min(ours, key=judged_ppl)
             lines.append("")
             for peer in peers:
-                ppl, memory = best["valid_ppl"] / peer["valid_ppl"], best["activation_mib"] / peer["activation_mib"]
+                ppl, memory = judged_ppl(best) / judged_ppl(peer), best["activation_mib"] / peer["activation_mib"]
                 lost = [name for name, won in (("perplexity", ppl < 1), ("memory", memory <= 1)) if not won]
+                basis = ", ".join(f"{len(r['seeds'])} seeds" if "seeds" in r else "1 run" for r in (best, peer))
                 lines.append(f"- {'our best model of any family, ' if family == 'vanilla' else ''}{best['name']} "
-                             f"against {peer['name']}: valid ppl {ppl - 1:+.1%}, activation memory {memory:.2f}x: "
+                             f"against {peer['name']}: valid ppl {ppl - 1:+.1%} ({basis}), activation memory "
+                             f"{memory:.2f}x: "
                              + ("**ours leads**" if not lost else f"**ours does not lead** ({', '.join(lost)})"))
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
+
+
+def judged_ppl(r):
+    """Valid perplexity a verdict uses: the mean over seeds where the model was run at several, else its one run."""
+    return r.get("valid_ppl_mean", r["valid_ppl"])
+
+
+def over_seeds(r):
+    if "seeds" not in r:
+        return "-"
+    runs = r["valid_ppls"]
+    return f"{r['valid_ppl_mean']:.2f} ± {r['valid_ppl_std']:.2f} ({len(runs)} seeds: {min(runs):.2f}-{max(runs):.2f})"
 
 
 def peer_columns(r):
@@ -620,9 +644,16 @@ def plot(results, out):
     plt.close(fig)
 
 
-def settings_of(opts):
-    """What a finished run must share with the current invocation to be reused (not where files go, not threads)."""
-    return {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads")}
+def settings_of(opts, seed=None):
+    """What a finished run must share with the current invocation to be reused (not where files go, not threads),
+    at `seed` (default: --seed)."""
+    settings = {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads", "repeat_seeds")}
+    return settings if seed is None else {**settings, "seed": seed}
+
+
+def run_name(opts, name, seed):
+    """A model's run at one seed: its name at --seed, '<name>.seed<N>' at a repeat seed."""
+    return name if seed == opts.seed else f"{name}.seed{seed}"
 
 
 def main(argv=None):
@@ -632,20 +663,23 @@ def main(argv=None):
     settings = settings_of(opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads),
                PYTHONUNBUFFERED="1")
-    models = models_of(opts)
+    runs = [(run_name(opts, name, seed), seed, model) for name, model in models_of(opts).items()
+            for seed in [opts.seed] + [s for s in opts.repeat_seeds if s != opts.seed]]
     start = time.perf_counter()
-    for i, (name, (model_args, layout)) in enumerate(models.items(), start=1):
+    for i, (name, seed, (model_args, layout)) in enumerate(runs, start=1):
         path = os.path.join(runs_dir, name + ".json")
+        settings = settings_of(opts, seed)
         old = json.load(open(path)) if os.path.exists(path) else None
         if old and old.get("settings") == settings and old.get("train_args") == model_args:
             print(f"== {name}: done earlier ({path}), skipped", flush=True)
             continue
-        result = same_run_in_main(opts, name, model_args)
+        seed_opts = argparse.Namespace(**{**vars(opts), "seed": seed})
+        result = same_run_in_main(seed_opts, name, model_args)
         if result:
             print(f"== {name}: same options and settings as {result['reused_from']}, taken from there", flush=True)
         else:
-            print(f"[{i}/{len(models)}] {time.perf_counter() - start:.0f}s so far", flush=True)
-            result = run_model(opts, name, model_args, layout, env)
+            print(f"[{i}/{len(runs)}] {time.perf_counter() - start:.0f}s so far", flush=True)
+            result = run_model(seed_opts, name, model_args, layout, env)
             result["threads"] = opts.threads
         result["settings"] = settings
         result["family"], result["implementation"] = family_and_implementation(model_args)
@@ -674,6 +708,23 @@ def same_run_in_main(opts, name, model_args):
     return {**main_run, "reused_from": os.path.relpath(path, REPO)}
 
 
+def with_repeats(opts, result):
+    """The run at --seed, plus (when the model was also run at other seeds with the same settings) "seeds" and,
+    over all of them, "valid_ppls", "test_ppls", "valid_ppl_mean" and "valid_ppl_std" (sample standard deviation)."""
+    name, runs = result["name"], {opts.seed: result}
+    for path in sorted(glob.glob(os.path.join(opts.out, "runs", glob.escape(name) + ".seed*.json"))):
+        seed = int(path.rsplit(".seed", 1)[1][:-len(".json")])
+        repeat = json.load(open(path))
+        if repeat.get("settings") == settings_of(opts, seed) and repeat.get("train_args") == result["train_args"]:
+            runs[seed] = repeat
+    if len(runs) < 2:
+        return result
+    seeds = sorted(runs)
+    valid = [runs[s]["valid_ppl"] for s in seeds]
+    return {**result, "seeds": seeds, "valid_ppls": valid, "test_ppls": [runs[s]["test_ppl"] for s in seeds],
+            "valid_ppl_mean": statistics.mean(valid), "valid_ppl_std": statistics.stdev(valid)}
+
+
 def report(opts):
     """results.json, results.md and the plots from every finished model of the suite (in the suite's order)."""
     results, settings = {}, settings_of(opts)
@@ -682,7 +733,7 @@ def report(opts):
         if os.path.exists(path):
             result = json.load(open(path))
             if result.get("settings") == settings:
-                results[name] = result
+                results[name] = with_repeats(opts, result)
     if not results:
         return
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # a peer package turns the root logger to DEBUG
