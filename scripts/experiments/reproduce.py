@@ -663,10 +663,11 @@ def main(argv=None):
     settings = settings_of(opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads),
                PYTHONUNBUFFERED="1")
-    runs = [(run_name(opts, name, seed), seed, model) for name, model in models_of(opts).items()
+    runs = [(name, seed, model) for name, model in models_of(opts).items()
             for seed in [opts.seed] + [s for s in opts.repeat_seeds if s != opts.seed]]
     start = time.perf_counter()
-    for i, (name, seed, (model_args, layout)) in enumerate(runs, start=1):
+    for i, (model, seed, (model_args, layout)) in enumerate(runs, start=1):
+        name = run_name(opts, model, seed)
         path = os.path.join(runs_dir, name + ".json")
         settings = settings_of(opts, seed)
         old = json.load(open(path)) if os.path.exists(path) else None
@@ -674,7 +675,7 @@ def main(argv=None):
             print(f"== {name}: done earlier ({path}), skipped", flush=True)
             continue
         seed_opts = argparse.Namespace(**{**vars(opts), "seed": seed})
-        result = same_run_in_main(seed_opts, name, model_args)
+        result = same_run_in_main(seed_opts, model, model_args)
         if result:
             print(f"== {name}: same options and settings as {result['reused_from']}, taken from there", flush=True)
         else:
@@ -697,15 +698,19 @@ def comparable(settings):
 
 
 def same_run_in_main(opts, name, model_args):
-    """For the peers suite: the main suite's finished run of this model if its options and settings are the same
-    (then it is the same experiment), else None."""
-    path = os.path.join(REPO, "docs", "main", "runs", name + ".json")
-    if opts.suite != "peers" or opts.quick or not os.path.exists(path):
+    """For the peers suite: the main suite's finished run of this model at opts.seed (docs/main, or
+    docs/main-seed<N> for another seed) if its options and settings are the same (then it is the same experiment),
+    else None."""
+    if opts.suite != "peers" or opts.quick:
         return None
-    main_run = json.load(open(path))
-    if main_run.get("train_args") != model_args or comparable(main_run["settings"]) != comparable(settings_of(opts)):
-        return None
-    return {**main_run, "reused_from": os.path.relpath(path, REPO)}
+    for folder in ("main", f"main-seed{opts.seed}"):
+        path = os.path.join(REPO, "docs", folder, "runs", name + ".json")
+        if not os.path.exists(path):
+            continue
+        main_run = json.load(open(path))
+        if main_run.get("train_args") == model_args and comparable(main_run["settings"]) == comparable(settings_of(opts)):
+            return {**main_run, "reused_from": os.path.relpath(path, REPO)}
+    return None
 
 
 def with_repeats(opts, result):
