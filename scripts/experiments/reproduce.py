@@ -160,6 +160,9 @@ SUITES["peers"] = {
     "retina_linear_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--pool-type", "linear"],
                                       "4 token layers (W=64, /4 to 256, /16 beyond), linear pooling, rotary on all "
                                       "dims, GEGLU"),
+    # a shorter fine window: both local-attention and retina learned more slowly with a longer one (W = 128)
+    "retina_w32_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-windows", "32,256,-1"],
+                                   "4 token layers (W=32, /4 to 256, /16 beyond), rotary on all dims, GEGLU"),
     "peer_local_128": (peer("peer_local", "--local-layers", "4", "--local-window", "128"), "4 layers, window 128"),
 }
 FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
