@@ -81,8 +81,9 @@ class RotaryPositions(nn.Module):
         angles = positions.to(torch.float32).unsqueeze(1) * inv_freq  # (N, d/2), fp32 whatever x's dtype
         angles = torch.cat([angles, angles], dim=1).unsqueeze(1)  # (N, 1, d): the same for every head
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        rotated, rest = x[..., :d], x[..., d:]
-        return torch.cat([rotated * cos + rotate_half(rotated) * sin, rest], dim=-1)
+        rotated = x[..., :d]
+        turned = rotated * cos + rotate_half(rotated) * sin
+        return turned if d == x.size(-1) else torch.cat([turned, x[..., d:]], dim=-1)
 
 
 def rotary_fraction(args) -> float:

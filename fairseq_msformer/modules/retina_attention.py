@@ -49,9 +49,10 @@ def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -
 
 class ChunkGroup:
     """Consecutive query chunks that share one key count per scale: which keys each chunk gathers
-    (``index[s]``: (n, L_s) key indices of scale s) and the (n, Q, L) mask, True = may attend."""
+    (``index[s]``: (n, L_s) key indices of scale s; ``flat_index``: (n, L) the same keys, all scales, as rows of
+    the scales' keys laid end to end, see ``attend_chunks``) and the (n, Q, L) mask, True = may attend."""
 
-    def __init__(self, t, bounds, block_lengths, chunk: int):
+    def __init__(self, t, bounds, block_lengths, chunk: int, length: int):
         n = t.numel() // chunk
         self.chunks = n
         self.index, masks = [], []
@@ -70,6 +71,11 @@ class ChunkGroup:
                 allowed = (q_lo <= j * k) & ((j + 1) * k <= bounds[s - 1].view(n, chunk, 1))
             masks.append(allowed)
         self.mask = torch.cat(masks, dim=2)  # (n, Q, L)
+        # scale s's keys start at row sum_{r<s} T / K_r; indices past a scale's end (padded chunks) read its last
+        # key, which the mask hides
+        offsets = [sum(length // k for k in block_lengths[:s]) for s in range(len(block_lengths))]
+        self.flat_index = torch.cat([index.clamp(0, length // k - 1) + offset for index, k, offset
+                                     in zip(self.index, block_lengths, offsets)], dim=1)  # (n, L)
 
 
 class RetinaLayout:
@@ -90,7 +96,7 @@ class RetinaLayout:
         self.groups = []
         for c0 in range(0, self.num_chunks, per_group):
             span = slice(c0 * chunk, min(c0 + per_group, self.num_chunks) * chunk)
-            self.groups.append(ChunkGroup(t[span], [b[span] for b in bounds], block_lengths, chunk))
+            self.groups.append(ChunkGroup(t[span], [b[span] for b in bounds], block_lengths, chunk, length))
 
 
 def attend_chunks(layout, heads, queries, dropout, *keys_values):
@@ -99,20 +105,20 @@ def attend_chunks(layout, heads, queries, dropout, *keys_values):
     `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values.
     """
     scales = len(keys_values) // 2
-    keys, values = keys_values[:scales], keys_values[scales:]
+    # every scale's keys (values) end to end, (B, sum_s T / K_s, C): one gather per chunk group reads all scales
+    keys, values = torch.cat(keys_values[:scales], dim=1), torch.cat(keys_values[scales:], dim=1)
     bsz, _, dim = queries.shape
     q_len = layout.chunk
     outputs, start = [], 0
     for group in layout.groups:
-        n = group.chunks
+        n, index = group.chunks, group.flat_index  # (n, L)
 
-        def gather(states, index):  # (B, N_s, C), (n, L_s) -> (B*n, H, L_s, D)
-            picked = states[:, index.clamp(0, states.size(1) - 1).flatten()]  # (B, n*L_s, C)
+        def gather(states):  # (B, sum_s N_s, C) -> (B*n, H, L, D)
+            picked = states.index_select(1, index.flatten())  # (B, n*L, C)
             picked = picked.view(bsz, n, index.size(1), heads, -1).transpose(2, 3)
             return picked.reshape(bsz * n, heads, index.size(1), -1)
 
-        k = torch.cat([gather(ks, idx) for ks, idx in zip(keys, group.index)], dim=2)  # (B*n, H, L, D)
-        v = torch.cat([gather(vs, idx) for vs, idx in zip(values, group.index)], dim=2)
+        k, v = gather(keys), gather(values)  # (B*n, H, L, D)
         q = queries[:, start : start + n * q_len].reshape(bsz * n, q_len, heads, -1).transpose(1, 2)
         mask = group.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B*n, H, Q, D)
