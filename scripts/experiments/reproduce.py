@@ -496,9 +496,10 @@ FAMILY_TITLES = {"bottom_up": "bottom-up", "top_down": "top-down", "retina": "re
 def family_tables(results):
     """One Markdown table per family (the README's): ours, the outside implementations of the same idea and
     transformer_lm; under it, our best model (lowest valid ppl) against each peer in valid perplexity and activation
-    memory. The vanilla table judges our best model of any family against the vanilla peers. Models run at several
-    seeds (--repeat-seeds) are judged by their mean valid perplexity, the others by their one run; each verdict says
-    which. Training speed is left to the benchmark: the runs of a suite may meet different machine loads."""
+    memory. The vanilla table judges our best model of any family against the vanilla peers. Our best model is the
+    lowest at --seed; a verdict compares the mean valid perplexity over seeds where both models were run at the
+    same several seeds (--repeat-seeds), else the two runs at --seed, and says which. Training speed is left to the
+    benchmark: the runs of a suite may meet different machine loads."""
     base = results.get(BASELINE)
     ours_all = [r for r in results.values() if r["implementation"] == "ours"]
     sections = []
@@ -520,12 +521,12 @@ def family_tables(results):
         ours = [r for r in rows if r["implementation"] == "ours"] if family != "vanilla" else ours_all
         peers = [r for r in rows if r["implementation"] != "ours" and r["name"] not in FRONTIER]
         if ours and peers:
-            best = min(ours, key=judged_ppl)
+            best = min(ours, key=lambda r: r["valid_ppl"])
             lines.append("")
             for peer in peers:
-                ppl, memory = judged_ppl(best) / judged_ppl(peer), best["activation_mib"] / peer["activation_mib"]
+                key, basis = judged(best, peer)
+                ppl, memory = best[key] / peer[key], best["activation_mib"] / peer["activation_mib"]
                 lost = [name for name, won in (("perplexity", ppl < 1), ("memory", memory <= 1)) if not won]
-                basis = ", ".join(f"{len(r['seeds'])} seeds" if "seeds" in r else "1 run" for r in (best, peer))
                 lines.append(f"- {'our best model of any family, ' if family == 'vanilla' else ''}{best['name']} "
                              f"against {peer['name']}: valid ppl {ppl - 1:+.1%} ({basis}), activation memory "
                              f"{memory:.2f}x: "
@@ -534,9 +535,12 @@ def family_tables(results):
     return "\n\n".join(sections) + "\n"
 
 
-def judged_ppl(r):
-    """Valid perplexity a verdict uses: the mean over seeds where the model was run at several, else its one run."""
-    return r.get("valid_ppl_mean", r["valid_ppl"])
+def judged(a, b):
+    """(result key, what it is) a verdict between two models compares: the means over seeds when both were run at
+    the same seeds, else the runs at --seed (a mean against one run would mix a seed's luck into one side only)."""
+    if a.get("seeds") and a.get("seeds") == b.get("seeds"):
+        return "valid_ppl_mean", f"means of {len(a['seeds'])} seeds each"
+    return "valid_ppl", "one run each at --seed"
 
 
 def over_seeds(r):
