@@ -67,6 +67,7 @@ CHECKS = [
     (dict(token_layers=-1), "--token-layers: must be >= 0"),
     (dict(token_layers_before_pooling=-2), "--token-layers-before-pooling: must be >= 0"),
     (dict(decoder_attention_heads=0), "--decoder-attention-heads: must be >= 1"),
+    (dict(rotary_positions=True, rotary_fraction=1.5), "--rotary-fraction: must be in (0, 1], got 1.5"),
     (dict(decoder_attention_heads=3), "--decoder-attention-heads: 3 heads do not divide --decoder-embed-dim 16"),
     (dict(max_target_positions=32), "--max-target-positions: 32 is below --tokens-per-sample 64"),
     (dict(adaptive_input=True, adaptive_input_cutoff="20,10"), "--adaptive-input-cutoff: cutoffs must be positive"),
