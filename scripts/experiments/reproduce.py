@@ -527,10 +527,13 @@ def family_tables(results):
                 key, basis = judged(best, peer)
                 ppl, memory = best[key] / peer[key], best["activation_mib"] / peer["activation_mib"]
                 lost = [name for name, won in (("perplexity", ppl < 1), ("memory", memory <= 1)) if not won]
+                verdict = "**ours leads**" if not lost else f"**ours does not lead** ({', '.join(lost)})"
+                if key == "valid_ppl_mean" and abs(best[key] - peer[key]) < max(best["valid_ppl_std"],
+                                                                                   peer["valid_ppl_std"]):
+                    verdict += ", by less than one standard deviation of the seeds: not a clear difference"
                 lines.append(f"- {'our best model of any family, ' if family == 'vanilla' else ''}{best['name']} "
                              f"against {peer['name']}: valid ppl {ppl - 1:+.1%} ({basis}), activation memory "
-                             f"{memory:.2f}x: "
-                             + ("**ours leads**" if not lost else f"**ours does not lead** ({', '.join(lost)})"))
+                             f"{memory:.2f}x: {verdict}")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
