@@ -67,6 +67,11 @@ def test_reproduce_quick_is_resumable(tmp_path, small_corpus):
     assert bottom_up["valid_ppl_mean"] == pytest.approx((bottom_up["valid_ppls"][0] + seed2["valid_ppl"]) / 2)
     assert "seeds" not in results["transformer_lm"]
     assert "(2 seeds:" in open(out_dir / "results.md").read()
+    # the same model at another --seed into the same checkpoints: stops before fairseq-train resumes seed 1's run
+    refused = subprocess.run([sys.executable, os.path.join(SCRIPTS, "experiments/reproduce.py"), *map(str, options),
+                              "--only", "bottom_up", "--seed", "2", "--out", str(tmp_path / "other")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "holds checkpoints of another run of this model (differs in seed)" in refused.stderr
 
 
 def test_fast_subset_is_what_the_planted_bugs_run():

@@ -71,7 +71,7 @@ class RotaryPositions(nn.Module):
 
     def __init__(self, head_dim: int, fraction: float = 0.5, base: float = 10000.0):
         super().__init__()
-        self.dim = max(2, int(head_dim * fraction) // 2 * 2)  # even: the rotated dimensions form pairs
+        self.dim = max(2, int(round(head_dim * fraction, 6)) // 2 * 2)  # even: the rotated dimensions form pairs
         self.base = base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ BUGS = [
         "inner = args.decoder_ffn_embed_dim",
         "--ffn-glu: halves as wide as the plain FFN (1.5x its parameters, not the same)"),
     Bug("rotary_fraction_ignored", "modules/positions.py",
-        "self.dim = max(2, int(head_dim * fraction) // 2 * 2)", "self.dim = max(2, head_dim // 2 // 2 * 2)",
+        "self.dim = max(2, int(round(head_dim * fraction, 6)) // 2 * 2)", "self.dim = max(2, head_dim // 2 // 2 * 2)",
         "--rotary-fraction is accepted but half of each head's dimensions is always rotated"),
     # --- a mixed-precision invariant broken while the output stays close to fp32
     Bug("linear_pool_half_stream", "modules/pooling.py", "return self.proj(x.reshape(bsz, n // r, r * dim)).to(x.dtype)",

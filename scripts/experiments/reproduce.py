@@ -410,9 +410,26 @@ def evaluate(opts, checkpoint, split, env, model_user_dir=os.path.join(REPO, "fa
     return parse_eval(proc.stdout + proc.stderr)
 
 
+def claim_save_dir(save_dir, settings, model_args):
+    """fairseq-train resumes from any checkpoint_last.pt in its --save-dir: a folder left by another run of this
+    model (another seed, say) would be resumed and scored as this one. Each folder records the run it holds
+    (run.json); a folder that holds another run stops the suite with one line and is left as it is."""
+    os.makedirs(save_dir, exist_ok=True)
+    marker, claim = os.path.join(save_dir, "run.json"), {"settings": settings, "train_args": model_args}
+    if os.path.exists(marker):
+        held = json.load(open(marker))
+        if held != claim:
+            changed = sorted(k for k in set(held["settings"]) | set(settings)
+                             if held["settings"].get(k) != settings.get(k)) or ["model options"]
+            sys.exit(f"reproduce.py: error: {save_dir} holds checkpoints of another run of this model (differs in "
+                     f"{', '.join(changed)}); remove it or pass another --save-root")
+    with open(marker, "w") as f:
+        json.dump(claim, f)
+
+
 def run_model(opts, name, model_args, layout, env):
     save_dir = os.path.join(opts.save_root, name)
-    os.makedirs(save_dir, exist_ok=True)
+    claim_save_dir(save_dir, settings_of(opts), model_args)
     command = train_command(opts, name, model_args)
     print(f"== {name}: {layout}\n   {' '.join(shlex.quote(c) for c in command)}", flush=True)
     code, peak_mib, seconds, output = run_child(command, env)
