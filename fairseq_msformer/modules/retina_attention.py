@@ -49,20 +49,22 @@ def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -
 
 class ChunkGroup:
     """Consecutive query chunks that share one key count per scale: which keys each chunk gathers
-    (``index[s]``: (n, L_s) key indices of scale s; ``flat_index``: (n, L) the same keys, all scales, as rows of
-    the scales' keys laid end to end, see ``attend_chunks``) and the (n, Q, L) mask, True = may attend."""
+    (``flat_index``: (n, L) rows of every scale's keys laid end to end, scale by scale, see ``attend_chunks``) and
+    the (n, Q, L) mask, True = may attend."""
 
     def __init__(self, t, bounds, block_lengths, chunk: int, length: int):
         n = t.numel() // chunk
         self.chunks = n
-        self.index, masks = [], []
+        flat, masks, offset = [], [], 0  # offset: the row where scale s's T / K_s keys start
         for s, k in enumerate(block_lengths):
             # bounds grow with t: a chunk's first query reads the oldest key, its last query the newest
             lo = bounds[s].view(n, chunk)[:, 0] // k  # (n,)
             hi = t.view(n, chunk)[:, -1] + 1 if s == 0 else bounds[s - 1].view(n, chunk)[:, -1] // k  # (n,)
             count = max(int((hi - lo).max()), 1)
             index = lo.unsqueeze(1) + torch.arange(count, device=t.device)  # (n, L_s)
-            self.index.append(index)
+            # indices past a scale's end (padded chunks) read its last key, which the mask hides
+            flat.append(index.clamp(0, length // k - 1) + offset)
+            offset += length // k
             j = index.unsqueeze(1)  # (n, 1, L_s)
             q_lo = bounds[s].view(n, chunk, 1)  # (n, Q, 1)
             if s == 0:
@@ -71,11 +73,7 @@ class ChunkGroup:
                 allowed = (q_lo <= j * k) & ((j + 1) * k <= bounds[s - 1].view(n, chunk, 1))
             masks.append(allowed)
         self.mask = torch.cat(masks, dim=2)  # (n, Q, L)
-        # scale s's keys start at row sum_{r<s} T / K_r; indices past a scale's end (padded chunks) read its last
-        # key, which the mask hides
-        offsets = [sum(length // k for k in block_lengths[:s]) for s in range(len(block_lengths))]
-        self.flat_index = torch.cat([index.clamp(0, length // k - 1) + offset for index, k, offset
-                                     in zip(self.index, block_lengths, offsets)], dim=1)  # (n, L)
+        self.flat_index = torch.cat(flat, dim=1)  # (n, L)
 
 
 class RetinaLayout:

@@ -139,7 +139,7 @@ def saved_bytes(method, x):
 
 def keys_per_chunk(retina, t):
     """Keys each query chunk gathers, per chunk group of the module's layout (read from the module)."""
-    return [sum(index.size(1) for index in group.index) for group in retina.layout(t, torch.device("cpu")).groups]
+    return [group.flat_index.size(1) for group in retina.layout(t, torch.device("cpu")).groups]
 
 
 def profile(method, a, t):

@@ -63,13 +63,18 @@ BOTTOM_UP_BEST = ["--scale-layers", "2,8", "--token-layers-before-pooling", "1",
 BEST_LAYOUT = "1 token + 2 at /4 + 8 at /16 + aggregation = 12"
 
 
-def variant(**changes):
-    """BOTTOM_UP_BEST with some options changed (the ablation)."""
-    args = BOTTOM_UP + BOTTOM_UP_BEST
+def with_changed(args, **changes):
+    """A copy of fairseq-train arguments with some options' values changed (each option must be there)."""
+    args = list(args)
     for option, value in changes.items():
         flag = "--" + option.replace("_", "-")
         args[args.index(flag) + 1] = str(value)
     return args
+
+
+def variant(**changes):
+    """BOTTOM_UP_BEST with some options changed (the ablation)."""
+    return with_changed(BOTTOM_UP + BOTTOM_UP_BEST, **changes)
 
 
 TRANSFORMER_LM_4 = (["--arch", "transformer_lm", "--decoder-layers", "4"], "4 token layers")
@@ -161,7 +166,8 @@ SUITES["peers"] = {
                                       "4 token layers (W=64, /4 to 256, /16 beyond), linear pooling, rotary on all "
                                       "dims, GEGLU"),
     # a shorter fine window: both local-attention and retina learned more slowly with a longer one (W = 128)
-    "retina_w32_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-windows", "32,256,-1"],
+    "retina_w32_rotary_full_glu": (with_changed(SUITES["main"]["retina"][0], retina_windows="32,256,-1")
+                                   + RETINA_LOCAL_LIKE,
                                    "4 token layers (W=32, /4 to 256, /16 beyond), rotary on all dims, GEGLU"),
     "peer_local_128": (peer("peer_local", "--local-layers", "4", "--local-window", "128"), "4 layers, window 128"),
 }
@@ -498,8 +504,8 @@ def table(results, opts):
     batch = max(1, opts.max_tokens // opts.tokens_per_sample)
     notes = (f"\n{opts.updates} updates of {opts.max_tokens} tokens (T = {opts.tokens_per_sample}), seed {opts.seed}, "
              f"one run per model (runs at other seeds: the per-family tables), {threads} thread(s), CPU fp32. "
-             f"Perplexity: fairseq-eval-lm --tokens-per-sample {opts.tokens_per_sample} --context-window {opts.context_window}. Activation MiB: bytes saved for "
-             f"backward by one training step (model + adaptive_loss) on {batch} x {opts.tokens_per_sample} tokens; "
+             f"Perplexity: fairseq-eval-lm --tokens-per-sample {opts.tokens_per_sample} --context-window "
+             f"{opts.context_window}. Activation MiB: bytes saved for backward by one training step (model + adaptive_loss) on {batch} x {opts.tokens_per_sample} tokens; "
              f"peak RSS: the fairseq-train process. Train tokens/s: training tokens / training seconds (validation "
              f"and checkpointing excluded; see read_log). Ratios are to {BASELINE}. 'valid ppl at' and 'min to': "
              f"in-training validation (no context window), linear between validations every {opts.validate_every} "
@@ -687,7 +693,6 @@ def main(argv=None):
     opts = parse_args(argv)
     runs_dir = os.path.join(opts.out, "runs")  # one file per model: several invocations can share a suite
     os.makedirs(runs_dir, exist_ok=True)
-    settings = settings_of(opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads),
                PYTHONUNBUFFERED="1")
     runs = [(name, seed, model) for name, model in models_of(opts).items()
@@ -696,12 +701,12 @@ def main(argv=None):
     for i, (model, seed, (model_args, layout)) in enumerate(runs, start=1):
         name = run_name(opts, model, seed)
         path = os.path.join(runs_dir, name + ".json")
-        settings = settings_of(opts, seed)
+        seed_opts = argparse.Namespace(**{**vars(opts), "seed": seed})
+        settings = settings_of(seed_opts)
         old = json.load(open(path)) if os.path.exists(path) else None
         if old and old.get("settings") == settings and old.get("train_args") == model_args:
             print(f"== {name}: done earlier ({path}), skipped", flush=True)
             continue
-        seed_opts = argparse.Namespace(**{**vars(opts), "seed": seed})
         result = same_run_in_main(seed_opts, model, model_args)
         if result:
             print(f"== {name}: same options and settings as {result['reused_from']}, taken from there", flush=True)
@@ -745,9 +750,9 @@ def with_repeats(opts, result):
     over all of them, "valid_ppls", "test_ppls", "valid_ppl_mean" and "valid_ppl_std" (sample standard deviation)."""
     name, runs = result["name"], {opts.seed: result}
     for path in sorted(glob.glob(os.path.join(opts.out, "runs", glob.escape(name) + ".seed*.json"))):
-        seed = int(path.rsplit(".seed", 1)[1][:-len(".json")])
         repeat = json.load(open(path))
-        if repeat.get("settings") == settings_of(opts, seed) and repeat.get("train_args") == result["train_args"]:
+        seed = repeat.get("settings", {}).get("seed")
+        if repeat["settings"] == settings_of(opts, seed) and repeat.get("train_args") == result["train_args"]:
             runs[seed] = repeat
     if len(runs) < 2:
         return result
