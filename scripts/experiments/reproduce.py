@@ -169,6 +169,11 @@ SUITES["peers"] = {
     "retina_w32_rotary_full_glu": (with_changed(SUITES["main"]["retina"][0], retina_windows="32,256,-1")
                                    + RETINA_LOCAL_LIKE,
                                    "4 token layers (W=32, /4 to 256, /16 beyond), rotary on all dims, GEGLU"),
+    # a longer fine window (local-attention reads 64-127 tokens at full resolution, retina W = 64: 64-67); with the
+    # peer at the same longer window: both learned more slowly early on (updates 200-300), run to the end here
+    "retina_w128_rotary_full_glu": (with_changed(SUITES["main"]["retina"][0], retina_windows="128,320,-1")
+                                    + RETINA_LOCAL_LIKE,
+                                    "4 token layers (W=128, /4 to 320, /16 beyond), rotary on all dims, GEGLU"),
     "peer_local_128": (peer("peer_local", "--local-layers", "4", "--local-window", "128"), "4 layers, window 128"),
 }
 FRONTIER = ("transformer_lm_2", BASELINE, "transformer_lm_6", "transformer_lm_8")  # vanilla depth: the yardstick
