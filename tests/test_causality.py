@@ -156,6 +156,20 @@ def test_no_future_leakage_with_rotary_positions(make_model, config, extra):
     assert_no_leak(model.eval(), dictionary, length=41)
 
 
+# gated scales (--retina-gate): a scale a query reads nothing of is computed over unmasked keys and multiplied by
+# zero, so every retina config, with rotary positions on every other one, in training and in inference mode
+GATE_CASES = [pytest.param(c, {"rotary_positions": i % 2 == 1, "ffn_glu": i % 2 == 1}, id=case_id("retina", c) + "-gate")
+              for i, c in enumerate(RETINA)]
+
+
+@pytest.mark.parametrize("config,extra", GATE_CASES)
+def test_no_future_leakage_with_gated_scales(config, extra):
+    model, dictionary = retina_model(*config, retina_gate=True, **extra, **DROPOUT)
+    assert any(layer.attn.gate is not None for layer in model.decoder.body.layers)
+    assert_no_leak(model.train(), dictionary, length=41)
+    assert_no_leak(model.eval(), dictionary, length=41)
+
+
 @pytest.mark.parametrize("make_model,config", CASES[::4])
 def test_evaluation_turns_every_dropout_off(make_model, config):
     """Built with dropout everywhere, a model in eval mode scores exactly as its twin without dropout (same

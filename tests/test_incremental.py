@@ -49,6 +49,11 @@ CONFIGS.update({name + "-all-dims": (arch, dict(options, rotary_fraction=1.0)) f
                 if name in ("bottom_up-2,3-both-rotary-glu", "top_down-4,4-hourglass-rotary", "retina-4,4-per-layer-rotary-glu")})
 
 
+# gated scales (--retina-gate): each scale read with its own softmax, mixed by the query's gates
+CONFIGS.update({name + "-gate": (arch, dict(options, retina_gate=True)) for name, (arch, options) in list(CONFIGS.items())
+                if name in ("retina-2,2-unbounded", "retina-2,2-bounded-linear", "retina-4,4-per-layer-rotary-glu-all-dims")})
+
+
 def model_for(name):
     arch, options = CONFIGS[name]
     return build_model(arch, token_layers=2, **options)

@@ -312,6 +312,25 @@ def check_retina_windows():
                 assert sorted(map(tuple, keys)) == sorted(map(tuple, planned)), f"{windows}: layer {i}, query {t}"
 
 
+@case("retina_gate", False, True)
+def check_retina_gate():
+    """Each scale gets its own softmax: with every gate held at 1, a query that reads one scale only (positions
+    0-4 with windows 4,8,-1: tokens only) gets what the single softmax gives it, and one that reads several
+    scales does not (two softmaxes summed are not one over their union)."""
+    plain = build("retina").eval()
+    gated = build("retina", retina_gate=True).eval()
+    missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".attn.gate." in key for key in missing), missing
+    for layer in gated.decoder.body.layers:
+        nn.init.zeros_(layer.attn.gate.weight)
+        nn.init.constant_(layer.attn.gate.bias, 30.0)  # sigmoid(30) = 1 in float32
+    tokens = tokens_for(plain)
+    with torch.no_grad():
+        a, b = plain(tokens, features_only=True)[0], gated(tokens, features_only=True)[0]
+    torch.testing.assert_close(b[:, :5], a[:, :5])
+    assert not torch.allclose(b[:, 8:], a[:, 8:], atol=1e-3)
+
+
 @case("no_retina_recompute", False, True)
 def check_no_retina_recompute():
     """Keeping the gathered keys/values for backward saves more for backward; outputs and gradients are unchanged."""
@@ -725,7 +744,7 @@ def test_family_only_option_leaves_the_other_families_unchanged(option, family):
 
 def test_family_only_options_are_found():
     assert {o for o, _ in ONLY} == {"token_layers_before_pooling", "bottom_up_combine", "top_down_combine",
-                                    "retina_windows", "no_retina_recompute"}
+                                    "retina_windows", "retina_gate", "no_retina_recompute"}
 
 
 # ---------------------------------------------------------------- the plumbing in front of build_model

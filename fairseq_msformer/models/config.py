@@ -65,6 +65,12 @@ class MsformerLMConfig(FairseqDataclass):
                           "the last value reads all older blocks. One group for all layers, or one group per "
                           "layer separated by ';' (e.g. '32,128,-1;32,128,-1;128,512,-1;128,512,-1')"},
     )
+    retina_gate: bool = field(
+        default=False,
+        metadata={"help": "retina only: read each scale with its own softmax and mix the scales' outputs with "
+                          "per-head sigmoid gates computed from the query's input (NSA's gated branches); default: "
+                          "one softmax over the keys of every scale"},
+    )
     no_retina_recompute: bool = field(
         default=False,
         metadata={"help": "retina only: keep each query chunk's gathered keys/values for backward instead of "

@@ -12,6 +12,10 @@ so every position is read once, at one resolution, and only complete blocks are 
 Blockwise: queries are cut into chunks of Q; each chunk gathers the few keys its queries can read (a fixed
 count L per chunk, about W + Q + sum_s (n_s + Q / K_s)) and runs one masked SDPA over (Q, L). Memory and
 compute per query grow like W + T / K_{S-1} (or stay constant with a bounded last scale), never like T.
+
+Gated scales (--retina-gate, NSA's gated branches, Yuan et al. 2025): each scale gets its own softmax, and the
+scales' outputs are summed with per-head sigmoid gates of the query's input, so the coarse scales add to what
+the window reads instead of taking softmax mass from it. The same keys are read; only the mixing changes.
 """
 import functools
 from typing import List
@@ -50,12 +54,16 @@ def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -
 class ChunkGroup:
     """Consecutive query chunks that share one key count per scale: which keys each chunk gathers
     (``flat_index``: (n, L) rows of every scale's keys laid end to end, scale by scale, see ``attend_chunks``) and
-    the (n, Q, L) mask, True = may attend."""
+    the (n, Q, L) mask, True = may attend. For gated scales, per scale s: its ``widths[s]`` columns of the mask,
+    ``present[s]`` (n, Q, 1) whether a query reads any key of s, and ``scale_masks[s]`` (n, Q, L_s) with the rows
+    of queries that read nothing there opened to every column: SDPA needs a key per row, and the gate is
+    multiplied by ``present``, so such a row's output (and its gradient) is exactly zero."""
 
     def __init__(self, t, bounds, block_lengths, chunk: int, length: int):
         n = t.numel() // chunk
         self.chunks = n
         flat, masks, offset = [], [], 0  # offset: the row where scale s's T / K_s keys start
+        self.widths, self.present, self.scale_masks = [], [], []
         for s, k in enumerate(block_lengths):
             # bounds grow with t: a chunk's first query reads the oldest key, its last query the newest
             lo = bounds[s].view(n, chunk)[:, 0] // k  # (n,)
@@ -72,6 +80,10 @@ class ChunkGroup:
             else:
                 allowed = (q_lo <= j * k) & ((j + 1) * k <= bounds[s - 1].view(n, chunk, 1))
             masks.append(allowed)
+            present = allowed.any(dim=2, keepdim=True)  # (n, Q, 1)
+            self.widths.append(count)
+            self.present.append(present)
+            self.scale_masks.append(allowed | ~present)
         self.mask = torch.cat(masks, dim=2)  # (n, Q, L)
         self.flat_index = torch.cat(flat, dim=1)  # (n, L)
 
@@ -97,10 +109,11 @@ class RetinaLayout:
             self.groups.append(ChunkGroup(t[span], [b[span] for b in bounds], block_lengths, chunk, length))
 
 
-def attend_chunks(layout, heads, queries, dropout, *keys_values):
+def attend_chunks(layout, heads, queries, gates, dropout, *keys_values):
     """Blockwise retina attention: queries (B, C*Q, C) -> (B, C*Q, C), heads split from the key width.
 
-    `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values.
+    `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values; `gates` (B, C*Q, H, S)
+    in (0, 1) mixes the scales read with a softmax each (None: one softmax over all scales).
     """
     scales = len(keys_values) // 2
     # every scale's keys (values) end to end, (B, sum_s T / K_s, C): one gather per chunk group reads all scales
@@ -118,8 +131,19 @@ def attend_chunks(layout, heads, queries, dropout, *keys_values):
 
         k, v = gather(keys), gather(values)  # (B*n, H, L, D)
         q = queries[:, start : start + n * q_len].reshape(bsz * n, q_len, heads, -1).transpose(1, 2)
-        mask = group.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B*n, H, Q, D)
+        if gates is None:
+            mask = group.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B*n, H, Q, D)
+        else:
+            g = gates[:, start : start + n * q_len].reshape(bsz * n, q_len, heads, -1).transpose(1, 2)  # (B*n,H,Q,S)
+            out, first = 0, 0
+            for s, width in enumerate(group.widths):  # scale s: columns [first, first + width) of k and v
+                cols = slice(first, first + width)
+                first += width
+                mask = group.scale_masks[s].unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L_s)
+                read = F.scaled_dot_product_attention(q, k[:, :, cols], v[:, :, cols], attn_mask=mask,
+                                                      dropout_p=dropout)  # (B*n, H, Q, D)
+                out = out + read * (g[..., s : s + 1] * group.present[s].unsqueeze(1).repeat(bsz, 1, 1, 1))
         outputs.append(out.transpose(1, 2).reshape(bsz, n * q_len, dim))
         start += n * q_len
     return torch.cat(outputs, dim=1)
@@ -148,6 +172,9 @@ class RetinaAttention(nn.Module):
         k1 = grid.block_lengths[1]
         self.chunk = k1 * max(1, round(min(window, 256) / (2 * k1)))
         self.recompute = not getattr(args, "no_retina_recompute", False)
+        # --retina-gate: one sigmoid gate per head and scale, from the query's input
+        heads = args.decoder_attention_heads
+        self.gate = nn.Linear(dim, heads * grid.num_scales) if getattr(args, "retina_gate", False) else None
 
     def layout(self, length: int, device) -> RetinaLayout:
         return retina_layout(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks), self.chunk,
@@ -171,12 +198,14 @@ class RetinaAttention(nn.Module):
         layout = self.layout(length, x.device)
         keys, values = self.scale_keys_values(x)
         padded = layout.num_chunks * layout.chunk
-        queries = self.attn.q_proj(F.pad(x, (0, 0, 0, padded - length)))  # (B, C*Q, C)
+        x = F.pad(x, (0, 0, 0, padded - length))  # (B, C*Q, C)
+        queries = self.attn.q_proj(x)
         if self.attn.rotary is not None:
             queries = self.attn.rotate(queries, torch.arange(padded, device=x.device))
+        gates = None if self.gate is None else self.scale_gates(x)  # (B, C*Q, H, S)
 
         dropout = self.attn.attention_dropout if self.training else 0.0
-        args = (layout, self.attn.num_heads, queries, dropout, *keys, *values)
+        args = (layout, self.attn.num_heads, queries, gates, dropout, *keys, *values)
         if self.recompute and torch.is_grad_enabled():
             # keep only the per-scale keys/values for backward and gather again there: every chunk's own copy
             # of the keys it reads would otherwise be saved (~3x the memory of dense fused attention)
@@ -184,6 +213,10 @@ class RetinaAttention(nn.Module):
         else:
             out = attend_chunks(*args)
         return self.attn.out_proj(out[:, :length])
+
+    def scale_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) query inputs -> (B, N, H, S) gates in (0, 1), one per head and scale."""
+        return torch.sigmoid(self.gate(x)).view(x.size(0), x.size(1), self.attn.num_heads, -1)
 
     def step(self, x: torch.Tensor, t: int, cache: dict, name: str, extra_kv=None) -> torch.Tensor:
         """Incremental decoding of position t, x (B, 1, C).
@@ -196,7 +229,7 @@ class RetinaAttention(nn.Module):
         bounds = retina_bounds(t, lengths, self.window, self.blocks)
         position = self.attn.step_position(x, t)  # every element formed at t is ready at t (complete rule)
         new_k, new_v = self.attn.k_proj(x), self.attn.v_proj(x)  # (B, 1, C), pooled unrotated
-        keys, values = [], []
+        keys, values, scales = [], [], []  # what this step reads of each scale s in `scales`
         for s, k in enumerate(lengths):
             if s > 0 and new_k is not None:  # pool the finer scale's new element into this scale's buffer
                 new_k = self.key_pools[s - 1].step(new_k, cache, f"{name}.kbuf{s}")
@@ -219,5 +252,20 @@ class RetinaAttention(nn.Module):
                 cached = cached[:, first - (formed - cached.size(1)) :]
                 cache[f"{name}.{kind}{s}"] = cached
                 out.append(cached[:, : end - first])
+            scales.append(s)
+        if self.gate is not None:
+            return self.gated_step(x, position, scales, keys, values)
         keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, L_t, C)
         return self.attn.attend(x, self.attn.split_heads(keys), self.attn.split_heads(values), positions=position)
+
+    def gated_step(self, x, position, scales, keys, values) -> torch.Tensor:
+        """--retina-gate while decoding: x (B, 1, C) reads each scale's keys (B, L_s, C) with its own softmax; a
+        scale with nothing to read adds nothing (as ``present`` in the blockwise pass)."""
+        q = self.attn.split_heads(self.attn.rotate(self.attn.q_proj(x), position))  # (B, H, 1, D)
+        gates = self.scale_gates(x).transpose(1, 2)  # (B, H, 1, S)
+        out = torch.zeros_like(q)
+        for s, k, v in zip(scales, keys, values):
+            if k.size(1) > 0:
+                read = F.scaled_dot_product_attention(q, self.attn.split_heads(k), self.attn.split_heads(v))
+                out = out + read * gates[..., s : s + 1]
+        return self.attn.out_proj(out.transpose(1, 2).reshape(x.size(0), 1, -1))

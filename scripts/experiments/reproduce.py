@@ -169,6 +169,11 @@ SUITES["peers"] = {
     "retina_w32_rotary_full_glu": (with_changed(SUITES["main"]["retina"][0], retina_windows="32,256,-1")
                                    + RETINA_LOCAL_LIKE,
                                    "4 token layers (W=32, /4 to 256, /16 beyond), rotary on all dims, GEGLU"),
+    # NSA's gated branches: each scale its own softmax, mixed by per-head gates of the query (the window's softmax
+    # mass is no longer shared with up to 16 + T / 16 older blocks)
+    "retina_gate_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-gate"],
+                                    "4 token layers (W=64, /4 to 256, /16 beyond), gated scales, rotary on all dims, "
+                                    "GEGLU"),
     # a longer fine window (local-attention reads 64-127 tokens at full resolution, retina W = 64: 64-67); with the
     # peer at the same longer window: both learned more slowly early on (updates 200-300), run to the end here
     "retina_w128_rotary_full_glu": (with_changed(SUITES["main"]["retina"][0], retina_windows="128,320,-1")
