@@ -170,6 +170,13 @@ def test_no_future_leakage_with_gated_scales(config, extra):
     assert_no_leak(model.eval(), dictionary, length=41)
 
 
+@pytest.mark.parametrize("make_model,config", CASES[1::6])
+def test_no_future_leakage_without_scale_positions(make_model, config):
+    """--no-scale-positions with rotary positions: the blocks are placed by their ready positions alone."""
+    model, dictionary = make_model(*config, no_scale_positions=True, rotary_positions=True, **DROPOUT)
+    assert_no_leak(model.train(), dictionary, length=41)
+
+
 @pytest.mark.parametrize("make_model,config", CASES[::4])
 def test_evaluation_turns_every_dropout_off(make_model, config):
     """Built with dropout everywhere, a model in eval mode scores exactly as its twin without dropout (same

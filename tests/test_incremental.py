@@ -53,6 +53,11 @@ CONFIGS.update({name + "-all-dims": (arch, dict(options, rotary_fraction=1.0)) f
 CONFIGS.update({name + "-gate": (arch, dict(options, retina_gate=True)) for name, (arch, options) in list(CONFIGS.items())
                 if name in ("retina-2,2-unbounded", "retina-2,2-bounded-linear", "retina-4,4-per-layer-rotary-glu-all-dims")})
 
+# no position vectors at the coarse scales (--no-scale-positions), with rotary positions placing the blocks
+CONFIGS.update({name + "-no-scale-pos": (arch, dict(options, no_scale_positions=True))
+                for name, (arch, options) in list(CONFIGS.items())
+                if name in ("bottom_up-2,3-both-rotary", "top_down-4,4-hourglass-rotary", "retina-4,4-per-layer-rotary-glu-all-dims-gate")})
+
 
 def model_for(name):
     arch, options = CONFIGS[name]

@@ -35,7 +35,7 @@ from fairseq_msformer.models.top_down import TopDown
 from fairseq_msformer.modules import (
     BlockPool, CausalUpsample, LayerStack, MultiScaleAttention, ScalePositions, TransformerBlock,
 )
-from fairseq_msformer.modules.positions import RotaryPositions
+from fairseq_msformer.modules.positions import NoScalePositions, RotaryPositions
 from test_retina import measured_reads, plan_keys, reading_plan
 
 OPTIONS = [f.name for f in fields(MsformerLMConfig) if f.name != "_name"]  # _name: fairseq's registry key
@@ -577,6 +577,18 @@ def check_no_token_positional_embeddings():
         torch.testing.assert_close(body_input(with_positions), embedded + positions)
         scale_positions = [calls(m, ScalePositions) for m in (with_positions, without)]
         assert scale_positions[0].keys() == scale_positions[1].keys() and len(scale_positions[0]) >= 2
+
+
+@case("no_scale_positions", False, True)
+def check_no_scale_positions():
+    """Every coarse scale's blocks (retina: pooled keys) go on without their position vector; tokens keep theirs."""
+    for family in FAMILIES:
+        with_positions, without = build(family), build(family, no_scale_positions=True)
+        added, passed = calls(with_positions, ScalePositions), calls(without, NoScalePositions)
+        assert len(added) >= 2 and added.keys() == passed.keys(), (family, added.keys(), passed.keys())
+        assert all(not torch.equal(args[0], out) for records in added.values() for args, _, out in records)
+        assert all(torch.equal(args[0], out) for records in passed.values() for args, _, out in records)
+        assert without.decoder.embed_positions is not None and not same_model(with_positions, without)
 
 
 @case("no_scale_embedding", False, True)

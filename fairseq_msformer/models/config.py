@@ -99,6 +99,12 @@ class MsformerLMConfig(FairseqDataclass):
     no_token_positional_embeddings: bool = field(
         default=False, metadata={"help": "no token-level positions (coarse scales keep theirs)"}
     )
+    no_scale_positions: bool = field(
+        default=False,
+        metadata={"help": "no position vectors at the coarse scales (added to pooled blocks; for retina, to the "
+                          "pooled keys): with --rotary-positions the blocks are still placed by their ready "
+                          "positions, without it they carry no position at all"},
+    )
     rotary_positions: bool = field(
         default=False,
         metadata={"help": "rotary positions (RoFormer; x-transformers' default) in every attention layer: queries "

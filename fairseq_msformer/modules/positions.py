@@ -47,8 +47,18 @@ def position_table_length(args) -> int:
     return args.max_target_positions or args.tokens_per_sample
 
 
+class NoScalePositions(nn.Module):
+    """--no-scale-positions: blocks of a coarse scale get no position vector (ScalePositions' interface)."""
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return x
+
+
 def coarse_scale_positions(args, grid) -> nn.ModuleList:
-    """One ScalePositions per coarse scale s = 1 .. S-1, sized for position_table_length(args) tokens."""
+    """One ScalePositions per coarse scale s = 1 .. S-1, sized for position_table_length(args) tokens (nothing
+    added with --no-scale-positions)."""
+    if getattr(args, "no_scale_positions", False):
+        return nn.ModuleList(NoScalePositions() for _ in range(1, grid.num_scales))
     tokens = position_table_length(args)
     return nn.ModuleList(
         ScalePositions(max_blocks(tokens, grid, s), args.decoder_embed_dim, args.decoder_learned_pos)

@@ -174,6 +174,11 @@ SUITES["peers"] = {
     "retina_gate_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-gate"],
                                     "4 token layers (W=64, /4 to 256, /16 beyond), gated scales, rotary on all dims, "
                                     "GEGLU"),
+    # no absolute position vector added to the pooled keys (rotary positions already place every block by its ready
+    # position; the vector's norm is about that of a pooled key, so it can drown the block's content)
+    "retina_noscalepos_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--no-scale-positions"],
+                                          "4 token layers (W=64, /4 to 256, /16 beyond), no block position vectors, "
+                                          "rotary on all dims, GEGLU"),
     # a longer fine window (local-attention reads 64-127 tokens at full resolution, retina W = 64: 64-67); with the
     # peer at the same longer window: both learned more slowly early on (updates 200-300), run to the end here
     "retina_w128_rotary_full_glu": (with_changed(SUITES["main"]["retina"][0], retina_windows="128,320,-1")
