@@ -170,6 +170,20 @@ def test_no_future_leakage_with_gated_scales(config, extra):
     assert_no_leak(model.eval(), dictionary, length=41)
 
 
+# selected blocks (--retina-select): a query picks among blocks that end before its window, by scores of its own
+# query; every retina config, with 1 or 3 blocks picked, rotary positions on every other one
+SELECT_CASES = [pytest.param(c, {"rotary_positions": i % 2 == 0, "retina_select": 1 + 2 * (i % 2)},
+                             id=case_id("retina", c) + "-select") for i, c in enumerate(RETINA)]
+
+
+@pytest.mark.parametrize("config,extra", SELECT_CASES)
+def test_no_future_leakage_with_selected_blocks(config, extra):
+    model, dictionary = retina_model(*config, retina_gate=True, **extra, **DROPOUT)
+    assert all(layer.attn.select for layer in model.decoder.body.layers)
+    assert_no_leak(model.train(), dictionary, length=41)
+    assert_no_leak(model.eval(), dictionary, length=41)
+
+
 @pytest.mark.parametrize("make_model,config", CASES[1::6])
 def test_no_future_leakage_without_scale_positions(make_model, config):
     """--no-scale-positions with rotary positions: the blocks are placed by their ready positions alone."""

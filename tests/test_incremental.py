@@ -52,6 +52,10 @@ CONFIGS.update({name + "-all-dims": (arch, dict(options, rotary_fraction=1.0)) f
 # gated scales (--retina-gate): each scale read with its own softmax, mixed by the query's gates
 CONFIGS.update({name + "-gate": (arch, dict(options, retina_gate=True)) for name, (arch, options) in list(CONFIGS.items())
                 if name in ("retina-2,2-unbounded", "retina-2,2-bounded-linear", "retina-4,4-per-layer-rotary-glu-all-dims")})
+# selected blocks (--retina-select): the cache keeps every token and coarsest block, the step ranks them as the
+# full pass does
+CONFIGS.update({name + "-select": (arch, dict(options, retina_select=2)) for name, (arch, options) in list(CONFIGS.items())
+                if name.endswith("-gate")})
 
 # no position vectors at the coarse scales (--no-scale-positions), with rotary positions placing the blocks
 CONFIGS.update({name + "-no-scale-pos": (arch, dict(options, no_scale_positions=True))

@@ -331,6 +331,23 @@ def check_retina_gate():
     assert not torch.allclose(b[:, 8:], a[:, 8:], atol=1e-3)
 
 
+@case("retina_select", 0, 2)
+def check_retina_select():
+    """Each query also reads, token by token, the N coarsest blocks (4 tokens here) that end before its window
+    and rank highest: reads measured by gradients, where a pooled block passes one gradient to all its tokens and a
+    token read on its own a gradient of its own. N = 0: no older token is read on its own; N = 1: the tokens of
+    exactly one such block; N at least the number of blocks: every such block, whole."""
+    window, _ = RETINA_LAYERS["4,8,-1"]
+    for n in (0, 1, 2, 8):
+        layer = build("retina", retina_gate=True, retina_select=n).decoder.body.layers[0].attn
+        for t, keys in enumerate(measured_reads(layer, 24)):
+            start = max(0, (t - window + 1) // 2 * 2)  # the window's first token (moved back to a 2-token block)
+            selectable = [set(range(4 * j, 4 * j + 4)) for j in range(6) if 4 * (j + 1) <= start]
+            alone = {k[0] for k in keys if len(k) == 1 and k[0] < start}  # older tokens read on their own
+            picked = [block for block in selectable if block <= alone]
+            assert len(picked) == min(n, len(selectable)) and alone == set().union(*picked), f"N = {n}, query {t}"
+
+
 @case("no_retina_recompute", False, True)
 def check_no_retina_recompute():
     """Keeping the gathered keys/values for backward saves more for backward; outputs and gradients are unchanged."""
@@ -756,7 +773,7 @@ def test_family_only_option_leaves_the_other_families_unchanged(option, family):
 
 def test_family_only_options_are_found():
     assert {o for o, _ in ONLY} == {"token_layers_before_pooling", "bottom_up_combine", "top_down_combine",
-                                    "retina_windows", "retina_gate", "no_retina_recompute"}
+                                    "retina_windows", "retina_gate", "retina_select", "no_retina_recompute"}
 
 
 # ---------------------------------------------------------------- the plumbing in front of build_model

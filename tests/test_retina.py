@@ -84,7 +84,7 @@ def test_some_configs_need_chunk_padding():
 def measured_reads(attn, length):
     """Per query t, the keys the module actually reads, from gradients: positions with a non-zero gradient of
     output t, grouped into runs of identical gradients (a mean-pooled block passes one gradient to all its tokens)."""
-    x = torch.randn(1, length, 16).repeat(length, 1, 1).requires_grad_()  # row t probes query t
+    x = torch.randn(1, length, attn.attn.q_proj.in_features).repeat(length, 1, 1).requires_grad_()  # row t: query t
     out = attn.self_attention(x)  # (T, T, C)
     t = torch.arange(length)
     (grad,) = torch.autograd.grad(out[t, t].pow(2).sum(), x)  # (T, T, C): row t = d out_t / d x

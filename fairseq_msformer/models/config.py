@@ -71,6 +71,12 @@ class MsformerLMConfig(FairseqDataclass):
                           "per-head sigmoid gates computed from the query's input (NSA's gated branches); default: "
                           "one softmax over the keys of every scale"},
     )
+    retina_select: int = field(
+        default=0,
+        metadata={"help": "retina only: (with --retina-gate) each query also reads, at full resolution, this many "
+                          "blocks of the coarsest scale that lie wholly before its window, those whose pooled keys "
+                          "its query scores highest (NSA's selected blocks: one more gated branch); 0: none"},
+    )
     no_retina_recompute: bool = field(
         default=False,
         metadata={"help": "retina only: keep each query chunk's gathered keys/values for backward instead of "
@@ -292,6 +298,10 @@ def check_config(args, vocab_size: int, tokens_per_sample: int) -> ScalePlan:
         if args.shift_rule != "complete":
             raise MsformerConfigError("--shift-rule: retina reads complete blocks only; use 'complete'")
         retina_layers = retina_plan(args, factors, tokens_per_sample)
+        if args.retina_select < 0:
+            raise MsformerConfigError(f"--retina-select: must be >= 0, got {args.retina_select}")
+        if args.retina_select and not args.retina_gate:
+            raise MsformerConfigError("--retina-select: the selected blocks are a gated branch; add --retina-gate")
     else:
         retina_layers = []
     return ScalePlan(factors, scale_layers, retina_layers)

@@ -16,6 +16,12 @@ compute per query grow like W + T / K_{S-1} (or stay constant with a bounded las
 Gated scales (--retina-gate, NSA's gated branches, Yuan et al. 2025): each scale gets its own softmax, and the
 scales' outputs are summed with per-head sigmoid gates of the query's input, so the coarse scales add to what
 the window reads instead of taking softmax mass from it. The same keys are read; only the mixing changes.
+
+Selected blocks (--retina-select N, NSA's selection branch; needs the gates): each query also reads, at full
+resolution, the N blocks of the coarsest scale (K_{S-1} tokens each) that lie wholly before its window and whose
+pooled keys its query scores highest (summed over heads, so all heads read the same tokens: NSA's shared
+selection). They are a further gated branch with its own softmax: exact copying from far back, which pooled keys
+cannot do. The choice (top-N) gets no gradient, as in NSA; the keys it ranks learn through the coarse scale.
 """
 import functools
 from typing import List
@@ -152,6 +158,53 @@ def attend_chunks(layout, heads, queries, gates, dropout, *keys_values):
     return torch.cat(outputs, dim=1)
 
 
+def attend_selected(queries, gate, token_keys, token_values, block_keys, block_len: int, selectable, count: int,
+                    heads: int, dropout: float) -> torch.Tensor:
+    """Selected blocks: queries (B, N, C) read the tokens of their top-`count` selectable blocks -> (B, N, C),
+    already multiplied by `gate` (B, N, H, 1); zero for a query with no selectable block.
+
+    token_keys/values (B, M, C) are the tokens the blocks cover (block j: tokens [j*K, (j+1)*K), K = block_len);
+    block_keys (B, nb, C) the blocks' pooled keys, nb * K <= M; selectable (N, nb) bool: query i may pick block j.
+    """
+    bsz, n, dim = queries.shape
+    num_blocks = block_keys.size(1)
+    count = min(count, num_blocks)
+    if count == 0:
+        return queries.new_zeros(bsz, n, dim)
+    with torch.no_grad():  # the choice gets no gradient
+        importance = (queries @ block_keys.transpose(1, 2)).masked_fill(~selectable, float("-inf"))  # (B, N, nb)
+        top, chosen = importance.topk(count, dim=-1)  # (B, N, n)
+    picked = torch.isfinite(top)  # (B, N, n): False where fewer than `count` blocks are selectable
+    tokens = (chosen.unsqueeze(-1) * block_len + torch.arange(block_len, device=chosen.device)).flatten(2)  # (B,N,nK)
+    rows = tokens + torch.arange(bsz, device=tokens.device).view(bsz, 1, 1) * token_keys.size(1)
+
+    def gather(states):  # (B, M, C) -> (B, N, nK, H, D): each query's own selected tokens
+        return states.reshape(-1, dim).index_select(0, rows.flatten()).view(bsz, n, -1, heads, dim // heads)
+
+    k, v = gather(token_keys), gather(token_values)
+    q = queries.view(bsz, n, heads, -1)  # (B, N, H, D)
+    scores = torch.einsum("bnhd,bnjhd->bnhj", q, k) * q.size(-1) ** -0.5  # (B, N, H, nK)
+    reads = picked.any(dim=-1)  # (B, N)
+    # mask the unpicked blocks' tokens; a query with none picked keeps an unmasked row (no NaN) and a zero gate
+    hidden = (~picked).repeat_interleave(block_len, dim=-1) & reads.unsqueeze(-1)  # (B, N, nK)
+    weights = torch.softmax(scores.masked_fill(hidden.unsqueeze(2), float("-inf")), dim=-1)
+    weights = weights * (gate * reads.view(bsz, n, 1, 1))  # (B, N, H, nK)
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
+    return torch.einsum("bnhj,bnjhd->bnhd", weights, v).reshape(bsz, n, dim)
+
+
+@functools.lru_cache(maxsize=32)
+def selectable_blocks(length, block_lengths, window, blocks, device) -> torch.Tensor:
+    """(T, T / K_{S-1}) bool: query t may select block j of the coarsest scale iff the block lies wholly before its
+    window (complete, so leak-free, and not already read at full resolution): (j + 1) * K <= b_0(t)."""
+    t = torch.arange(length, device=torch.device(device))
+    window_start = retina_bounds(t, list(block_lengths), window, list(blocks))[0]  # (T,)
+    k = block_lengths[-1]
+    ends = (torch.arange(length // k, device=t.device) + 1) * k  # (nb,)
+    return ends.unsqueeze(0) <= window_start.unsqueeze(1)
+
+
 @functools.lru_cache(maxsize=32)
 def retina_layout(length, block_lengths, window, blocks, chunk, device) -> RetinaLayout:
     """Shared by every layer with the same windows (a 16-layer model often has only two settings)."""
@@ -177,7 +230,10 @@ class RetinaAttention(nn.Module):
         self.recompute = not getattr(args, "no_retina_recompute", False)
         # --retina-gate: one sigmoid gate per head and scale, from the query's input
         heads = args.decoder_attention_heads
-        self.gate = nn.Linear(dim, heads * grid.num_scales) if getattr(args, "retina_gate", False) else None
+        # --retina-select N: N selected blocks of the coarsest scale, one more gated branch
+        self.select = getattr(args, "retina_select", 0)
+        branches = grid.num_scales + (1 if self.select else 0)
+        self.gate = nn.Linear(dim, heads * branches) if getattr(args, "retina_gate", False) else None
 
     def layout(self, length: int, device) -> RetinaLayout:
         return retina_layout(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks), self.chunk,
@@ -205,17 +261,30 @@ class RetinaAttention(nn.Module):
         queries = self.attn.q_proj(x)
         if self.attn.rotary is not None:
             queries = self.attn.rotate(queries, torch.arange(padded, device=x.device))
-        gates = None if self.gate is None else self.scale_gates(x)  # (B, C*Q, H, S)
+        gates = None if self.gate is None else self.scale_gates(x)  # (B, C*Q, H, S), + 1 branch with --retina-select
+        heads, dropout = self.attn.num_heads, self.attn.attention_dropout if self.training else 0.0
+        selectable = self.selectable(length, x.device) if self.select else None
 
-        dropout = self.attn.attention_dropout if self.training else 0.0
-        args = (layout, self.attn.num_heads, queries, gates, dropout, *keys, *values)
+        def read(queries, gates, *keys_values):  # -> (B, T, C), the heads' outputs side by side
+            scale_gates = gates if not self.select else gates[..., :-1]
+            out = attend_chunks(layout, heads, queries, scale_gates, dropout, *keys_values)[:, :length]
+            if self.select:
+                scales = len(keys_values) // 2
+                out = out + attend_selected(queries[:, :length], gates[:, :length, :, -1:], keys_values[0],
+                                            keys_values[scales], keys_values[scales - 1], self.grid.block_lengths[-1],
+                                            selectable, self.select, heads, dropout)
+            return out
+
         if self.recompute and torch.is_grad_enabled():
             # keep only the per-scale keys/values for backward and gather again there: every chunk's own copy
             # of the keys it reads would otherwise be saved (~3x the memory of dense fused attention)
-            out = checkpoint(attend_chunks, *args, use_reentrant=False)
+            out = checkpoint(read, queries, gates, *keys, *values, use_reentrant=False)
         else:
-            out = attend_chunks(*args)
-        return self.attn.out_proj(out[:, :length])
+            out = read(queries, gates, *keys, *values)
+        return self.attn.out_proj(out)
+
+    def selectable(self, length: int, device) -> torch.Tensor:
+        return selectable_blocks(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks), str(device))
 
     def scale_gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) query inputs -> (B, N, H, S) gates in (0, 1), one per head and scale."""
@@ -227,6 +296,7 @@ class RetinaAttention(nn.Module):
         The cache holds, per scale, exactly what later queries can still read: the tokens from b_0(t) on,
         and the blocks of scale s from b_s(t) on (bounds only grow with t), so it grows like W + T / K_{S-1}
         (constant with a bounded last scale). Incomplete blocks wait, as raw keys/values, in pooling buffers.
+        With --retina-select it also keeps every token and every coarsest block (any may be selected): T.
         """
         lengths = self.grid.block_lengths
         bounds = retina_bounds(t, lengths, self.window, self.blocks)
@@ -242,9 +312,14 @@ class RetinaAttention(nn.Module):
                     key = self.key_positions[s - 1](new_k, offset=offset)
                     append_cache(cache, f"{name}.k{s}", self.attn.rotate(key, position))
                     append_cache(cache, f"{name}.v{s}", new_v)
+                    if self.select and s == len(lengths) - 1:  # every block stays selectable: keep them all
+                        append_cache(cache, f"{name}.select_blocks", cache[f"{name}.k{s}"][:, -1:])
             elif s == 0:
                 append_cache(cache, f"{name}.k0", self.attn.rotate(new_k, position))
                 append_cache(cache, f"{name}.v0", new_v)
+                if self.select:  # the selected blocks' tokens, all of them
+                    append_cache(cache, f"{name}.select_k", cache[f"{name}.k0"][:, -1:])
+                    append_cache(cache, f"{name}.select_v", new_v)
             if f"{name}.k{s}" not in cache:
                 continue  # no block of this scale is complete yet
             # the cache of scale s holds elements [formed - n, formed): drop those before b_s, read up to b_{s-1}
@@ -257,18 +332,31 @@ class RetinaAttention(nn.Module):
                 out.append(cached[:, : end - first])
             scales.append(s)
         if self.gate is not None:
-            return self.gated_step(x, position, scales, keys, values)
+            selected = None
+            if f"{name}.select_blocks" in cache:
+                blocks = cache[f"{name}.select_blocks"]  # (B, nb, C)
+                ends = (torch.arange(blocks.size(1), device=x.device) + 1) * lengths[-1]
+                selected = (cache[f"{name}.select_k"], cache[f"{name}.select_v"], blocks,
+                            (ends <= bounds[0]).unsqueeze(0))  # selectable (1, nb)
+            return self.gated_step(x, position, scales, keys, values, selected)
         keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, L_t, C)
         return self.attn.attend(x, self.attn.split_heads(keys), self.attn.split_heads(values), positions=position)
 
-    def gated_step(self, x, position, scales, keys, values) -> torch.Tensor:
+    def gated_step(self, x, position, scales, keys, values, selected=None) -> torch.Tensor:
         """--retina-gate while decoding: x (B, 1, C) reads each scale's keys (B, L_s, C) with its own softmax; a
-        scale with nothing to read adds nothing (as ``present`` in the blockwise pass)."""
-        q = self.attn.split_heads(self.attn.rotate(self.attn.q_proj(x), position))  # (B, H, 1, D)
-        gates = self.scale_gates(x).transpose(1, 2)  # (B, H, 1, S)
+        scale with nothing to read adds nothing (as ``present`` in the blockwise pass). `selected`: (token keys,
+        token values, block keys, selectable) for --retina-select, None before the first coarsest block."""
+        query = self.attn.rotate(self.attn.q_proj(x), position)  # (B, 1, C)
+        q = self.attn.split_heads(query)  # (B, H, 1, D)
+        gates = self.scale_gates(x)  # (B, 1, H, S [+ 1])
         out = torch.zeros_like(q)
         for s, k, v in zip(scales, keys, values):
             if k.size(1) > 0:
                 read = F.scaled_dot_product_attention(q, self.attn.split_heads(k), self.attn.split_heads(v))
-                out = out + read * gates[..., s : s + 1]
-        return self.attn.out_proj(out.transpose(1, 2).reshape(x.size(0), 1, -1))
+                out = out + read * gates.transpose(1, 2)[..., s : s + 1]
+        out = out.transpose(1, 2).reshape(x.size(0), 1, -1)  # (B, 1, C)
+        if selected is not None:
+            token_keys, token_values, block_keys, selectable = selected
+            out = out + attend_selected(query, gates[..., -1:], token_keys, token_values, block_keys,
+                                        self.grid.block_lengths[-1], selectable, self.select, self.attn.num_heads, 0.0)
+        return self.attn.out_proj(out)

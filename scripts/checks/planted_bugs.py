@@ -126,6 +126,13 @@ BUGS = [
         "--retina-gate: a query that reads nothing of a scale still adds that scale's unmasked (future) read"),
     Bug("retina_gate_one_softmax", "modules/retina_attention.py", "if gates is None:", "if True:",
         "--retina-gate is accepted but the blockwise pass keeps one softmax over every scale (decoding gates them)"),
+    Bug("retina_select_inside_window", "modules/retina_attention.py",
+        "return ends.unsqueeze(0) <= window_start.unsqueeze(1)",
+        "return ends.unsqueeze(0) <= window_start.unsqueeze(1) + block_lengths[-1]",
+        "--retina-select: a query may pick the block its window starts in, up to K - 1 tokens after it"),
+    Bug("retina_select_ignored", "modules/retina_attention.py", "            if self.select:\n                scales",
+        "            if False:\n                scales",
+        "--retina-select is accepted but the blockwise pass reads no selected block (decoding does)"),
     Bug("scale_positions_kept", "modules/positions.py", 'if getattr(args, "no_scale_positions", False):',
         "if False:", "--no-scale-positions is accepted but the coarse scales keep their position vectors"),
     # --- a mixed-precision invariant broken while the output stays close to fp32

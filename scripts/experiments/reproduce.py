@@ -174,6 +174,12 @@ SUITES["peers"] = {
     "retina_gate_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-gate"],
                                     "4 token layers (W=64, /4 to 256, /16 beyond), gated scales, rotary on all dims, "
                                     "GEGLU"),
+    # NSA's selected blocks on top of the gates: each query also reads 4 older 16-token blocks token by token, those
+    # its query ranks highest (peer_nsa's setting: 4 selected blocks of 16), for exact copying from far back
+    "retina_select_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE
+                                      + ["--retina-gate", "--retina-select", "4"],
+                                      "4 token layers (W=64, /4 to 256, /16 beyond), gated scales + 4 selected 16-token "
+                                      "blocks, rotary on all dims, GEGLU"),
     # no absolute position vector added to the pooled keys (rotary positions already place every block by its ready
     # position; the vector's norm is about that of a pooled key, so it can drown the block's content)
     "retina_noscalepos_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--no-scale-positions"],
