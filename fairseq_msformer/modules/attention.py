@@ -63,6 +63,16 @@ class MultiScaleAttention(nn.Module):
         bsz, n, _ = x.shape
         return self.rotary(x.view(bsz, n, self.num_heads, self.head_dim), positions).view(bsz, n, -1)
 
+    def project_queries(self, query: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, Tq, C) at `positions` (Tq,) -> projected, rotated queries (B, Tq, C), heads side by side."""
+        return self.rotate(self.q_proj(query), positions)
+
+    @staticmethod
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, D) -> (B, N, H*D), the input of out_proj."""
+        bsz, _, n, _ = x.shape
+        return x.transpose(1, 2).reshape(bsz, n, -1)
+
     def keys_values(self, memory: torch.Tensor, positions: Optional[torch.Tensor] = None):
         """(B, Tk, C) -> keys and values, each (B, H, Tk, D)."""
         return self.split_heads(self.rotate(self.k_proj(memory), positions)), self.split_heads(self.v_proj(memory))
@@ -71,15 +81,14 @@ class MultiScaleAttention(nn.Module):
                positions: Optional[torch.Tensor] = None):
         """query (B, Tq, C) at `positions` (Tq,), keys/values (B, H, Tk, D), mask (Tq, Tk) or (B|1, H|1, Tq, Tk)
         bool -> (B, Tq, C)."""
-        q = self.split_heads(self.rotate(self.q_proj(query), positions))  # (B, H, Tq, D)
+        q = self.split_heads(self.project_queries(query, positions))  # (B, H, Tq, D)
         out = F.scaled_dot_product_attention(
             q, keys, values,
             attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
             is_causal=causal and mask is None,
         )  # (B, H, Tq, D)
-        bsz, _, tq, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(bsz, tq, -1))
+        return self.out_proj(self.merge_heads(out))
 
     def forward(self, query, memory, mask=None, causal=False, positions=None, memory_positions=None):
         keys, values = self.keys_values(memory, memory_positions)

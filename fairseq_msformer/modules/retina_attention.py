@@ -68,8 +68,8 @@ class ChunkGroup:
     def __init__(self, t, bounds, block_lengths, chunk: int, length: int):
         n = t.numel() // chunk
         self.chunks = n
-        flat, masks, offset = [], [], 0  # offset: the row where scale s's T / K_s keys start
-        self.widths, present, opened = [], [], []
+        flat, self.masks, offset = [], [], 0  # offset: the row where scale s's T / K_s keys start
+        self.widths = []
         for s, k in enumerate(block_lengths):
             # bounds grow with t: a chunk's first query reads the oldest key, its last query the newest
             lo = bounds[s].view(n, chunk)[:, 0] // k  # (n,)
@@ -85,15 +85,19 @@ class ChunkGroup:
                 allowed = (q_lo <= j) & (j <= t.view(n, chunk, 1))
             else:
                 allowed = (q_lo <= j * k) & ((j + 1) * k <= bounds[s - 1].view(n, chunk, 1))
-            masks.append(allowed)
-            reads = allowed.any(dim=2, keepdim=True)  # (n, Q, 1)
+            self.masks.append(allowed)  # (n, Q, L_s)
             self.widths.append(count)
-            present.append(reads)
-            opened.append(allowed | ~reads)
-        self.present = torch.cat(present, dim=2).unsqueeze(2)  # (n, Q, 1, S): broadcast over heads
-        self.opened_mask = torch.cat(opened, dim=2)  # (n, Q, L)
-        self.mask = torch.cat(masks, dim=2)  # (n, Q, L)
+        self.mask = torch.cat(self.masks, dim=2)  # (n, Q, L)
         self.flat_index = torch.cat(flat, dim=1)  # (n, L)
+
+    # the gated scales' masks: built on first use (a layout is cached, so once per length)
+    @functools.cached_property
+    def present(self) -> torch.Tensor:  # (n, Q, 1, S): broadcast over heads
+        return torch.cat([m.any(dim=2, keepdim=True) for m in self.masks], dim=2).unsqueeze(2)
+
+    @functools.cached_property
+    def opened_mask(self) -> torch.Tensor:  # (n, Q, L)
+        return torch.cat([m | ~m.any(dim=2, keepdim=True) for m in self.masks], dim=2)
 
 
 class RetinaLayout:
@@ -258,9 +262,8 @@ class RetinaAttention(nn.Module):
         keys, values = self.scale_keys_values(x)
         padded = layout.num_chunks * layout.chunk
         x = F.pad(x, (0, 0, 0, padded - length))  # (B, C*Q, C)
-        queries = self.attn.q_proj(x)
-        if self.attn.rotary is not None:
-            queries = self.attn.rotate(queries, torch.arange(padded, device=x.device))
+        positions = torch.arange(padded, device=x.device) if self.attn.rotary is not None else None
+        queries = self.attn.project_queries(x, positions)  # (B, C*Q, C)
         gates = None if self.gate is None else self.scale_gates(x)  # (B, C*Q, H, S), + 1 branch with --retina-select
         heads, dropout = self.attn.num_heads, self.attn.attention_dropout if self.training else 0.0
         selectable = self.selectable(length, x.device) if self.select else None
@@ -346,7 +349,7 @@ class RetinaAttention(nn.Module):
         """--retina-gate while decoding: x (B, 1, C) reads each scale's keys (B, L_s, C) with its own softmax; a
         scale with nothing to read adds nothing (as ``present`` in the blockwise pass). `selected`: (token keys,
         token values, block keys, selectable) for --retina-select, None before the first coarsest block."""
-        query = self.attn.rotate(self.attn.q_proj(x), position)  # (B, 1, C)
+        query = self.attn.project_queries(x, position)  # (B, 1, C)
         q = self.attn.split_heads(query)  # (B, H, 1, D)
         gates = self.scale_gates(x)  # (B, 1, H, S [+ 1])
         out = torch.zeros_like(q)
@@ -354,7 +357,7 @@ class RetinaAttention(nn.Module):
             if k.size(1) > 0:
                 read = F.scaled_dot_product_attention(q, self.attn.split_heads(k), self.attn.split_heads(v))
                 out = out + read * gates.transpose(1, 2)[..., s : s + 1]
-        out = out.transpose(1, 2).reshape(x.size(0), 1, -1)  # (B, 1, C)
+        out = self.attn.merge_heads(out)  # (B, 1, C)
         if selected is not None:
             token_keys, token_values, block_keys, selectable = selected
             out = out + attend_selected(query, gates[..., -1:], token_keys, token_values, block_keys,
