@@ -812,3 +812,31 @@ def test_preset_keeps_every_option_given_explicitly(arch):
     overridden = sorted(option for option, value in given.items() if getattr(args, option) is not value)
     assert overridden == [], f"{arch} overrides {overridden} given on the command line"
     assert len(MSFORMER_ARCHS) >= 12
+
+
+@pytest.mark.parametrize("arch", ["msformer_lm_retina", "msformer_lm_bottom_up_tiny", "msformer_lm"])
+def test_checkpoint_saved_before_options_existed_loads_with_their_defaults(arch):
+    """fairseq rebuilds a model from the config saved in its checkpoint (models.build_model, from_checkpoint=True);
+    a config from before an option existed lacks it. With every option missing but the sizes, the model builds
+    as the defaults say, the same as one given every default."""
+    from fairseq import models
+    from omegaconf import open_dict
+
+    argv = [CORPUS, "--user-dir", USER_DIR, "--task", "multiscale_language_modeling", "--arch", arch,
+            "--tokens-per-sample", "256", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+            "--decoder-attention-heads", "2"] + (["--family", "retina"] if arch == "msformer_lm" else [])
+    full = convert_namespace_to_omegaconf(
+        fairseq_options.parse_args_and_arch(fairseq_options.get_training_parser(), argv)).model
+    old = full.copy()
+    kept = {"_name", "family", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+            "tokens_per_sample", "max_target_positions"}
+    with open_dict(old):
+        for option in OPTIONS:
+            if option not in kept:
+                del old[option]
+    task = build_model.__globals__["benchmark"].fake_task(40, 256)
+    torch.manual_seed(0)
+    loaded = models.build_model(old, task, from_checkpoint=True)
+    torch.manual_seed(0)
+    fresh = models.build_model(full, task, from_checkpoint=True)
+    assert same_model(loaded.eval(), fresh.eval())

@@ -67,6 +67,13 @@ def test_reproduce_quick_is_resumable(tmp_path, small_corpus):
     assert bottom_up["valid_ppl_mean"] == pytest.approx((bottom_up["valid_ppls"][0] + seed2["valid_ppl"]) / 2)
     assert "seeds" not in results["transformer_lm"]
     assert "(2 seeds:" in open(out_dir / "results.md").read()
+    # memory measured again from the checkpoints (after a memory-only change): nothing trained, the rest kept
+    remeasured = run("experiments/reproduce.py", *options, "--remeasure-memory")
+    assert remeasured.count(" MiB saved for backward") == 2 and "[1/2]" not in remeasured
+    after = json.load(open(out_dir / "results.json"))
+    for name, r in after.items():
+        assert r["activation_mib"] == pytest.approx(results[name]["activation_mib"], rel=0.01)
+        assert r["valid_ppl"] == results[name]["valid_ppl"] and r["curve"] == results[name]["curve"]
     # the same model at another --seed into the same checkpoints: stops before fairseq-train resumes seed 1's run
     refused = subprocess.run([sys.executable, os.path.join(SCRIPTS, "experiments/reproduce.py"), *map(str, options),
                               "--only", "bottom_up", "--seed", "2", "--out", str(tmp_path / "other")],

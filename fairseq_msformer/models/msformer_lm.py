@@ -1,10 +1,12 @@
 """Registration: the msformer_lm model and its architecture presets (--arch)."""
 import logging
+from dataclasses import MISSING, fields
 
 from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.models.transformer import Embedding
 from fairseq.modules import AdaptiveInput
 from fairseq.utils import eval_str_list, safe_getattr
+from omegaconf import OmegaConf
 
 from ..errors import MsformerConfigError
 from .config import MsformerLMConfig, check_config
@@ -91,6 +93,17 @@ def describe_scales(args, grid, plan, tokens_per_sample):
 
 def _family(args, family):
     args.family = family
+    fill_missing_options(args)
+
+
+def fill_missing_options(args):
+    """A checkpoint saved before an option existed lacks it (fairseq rebuilds a preset's model from the saved config
+    and the preset alone): give it the option's default, which is how that model ran."""
+    for option in fields(MsformerLMConfig):
+        present = option.name in args if OmegaConf.is_config(args) else hasattr(args, option.name)
+        if not present and option.name != "_name":
+            default = option.default if option.default is not MISSING else option.default_factory()
+            setattr(args, option.name, None if str(default).startswith("${") else default)
 
 
 def _defaults(args, **values):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fairseq import utils
 from fairseq.modules import FairseqDropout, LayerNorm
+from torch.utils.checkpoint import checkpoint
 
 from .positions import RotaryPositions, rotary_fraction
 
@@ -154,12 +155,20 @@ class TransformerBlock(nn.Module):
 
     def feed_forward(self, x):
         h = self.fc1(self.ffn_norm(x))  # (B, N, F), or (B, N, 2F) with --ffn-glu
-        if self.glu:
-            h, gate = h.chunk(2, dim=-1)
-            h = h * self.activation_fn(gate)  # (B, N, F)
-        else:
+        if not self.glu:
             h = self.activation_fn(h)
+        elif torch.is_grad_enabled() and h.requires_grad:
+            # backward recomputes act(gate) instead of keeping it: fc1's output and the product are kept anyway
+            # (checkpoint input, fc2's input), so this saves a quarter of the gated FFN's bytes for backward
+            h = checkpoint(self.gated_linear_unit, h, use_reentrant=False)
+        else:
+            h = self.gated_linear_unit(h)
         return x + self.dropout(self.fc2(self.activation_dropout(h)))
+
+    def gated_linear_unit(self, h):
+        """(B, N, 2F) -> (B, N, F): act(one half) gates the other."""
+        h, gate = h.chunk(2, dim=-1)
+        return h * self.activation_fn(gate)
 
     def step(self, x, t: int, cache: dict, name: str, extra_kv=None):
         """Incremental decoding of one new element x (B, 1, C) at position t (see the attention's step)."""

@@ -222,6 +222,10 @@ def parse_args(argv=None):
                    help="also train each model with these seeds (runs/<model>.seed<N>.json): the tables then give "
                         "the mean and spread of valid perplexity over all its seeds")
     p.add_argument("--quick", action="store_true", help="tiny models, a few updates: checks the pipeline")
+    p.add_argument("--remeasure-memory", action="store_true",
+                   help="train nothing: measure again the activation memory (and parameters) of the finished runs "
+                        "from their checkpoint_last.pt under --save-root, after a change that moves memory and "
+                        "nothing else (the runs keep their perplexities and curves)")
     opts = p.parse_args(argv)
     opts.updates = opts.updates or SUITE_UPDATES[opts.suite]
     if opts.quick:
@@ -701,7 +705,8 @@ def plot(results, out):
 def settings_of(opts, seed=None):
     """What a finished run must share with the current invocation to be reused (not where files go, not threads),
     at `seed` (default: --seed)."""
-    settings = {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads", "repeat_seeds")}
+    settings = {k: v for k, v in vars(opts).items() if k not in ("only", "out", "save_root", "threads", "repeat_seeds",
+                                                                   "remeasure_memory")}
     return settings if seed is None else {**settings, "seed": seed}
 
 
@@ -725,6 +730,10 @@ def main(argv=None):
         seed_opts = argparse.Namespace(**{**vars(opts), "seed": seed})
         settings = settings_of(seed_opts)
         old = json.load(open(path)) if os.path.exists(path) else None
+        if opts.remeasure_memory:
+            same = old and old.get("settings") == settings and old.get("train_args") == model_args
+            remeasure_memory(seed_opts, name, path, old if same else None)
+            continue
         if old and old.get("settings") == settings and old.get("train_args") == model_args:
             print(f"== {name}: done earlier ({path}), skipped", flush=True)
             continue
@@ -741,6 +750,22 @@ def main(argv=None):
             json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)  # a crash never leaves a half-written result
     report(opts)
+
+
+def remeasure_memory(opts, name, path, result):
+    """--remeasure-memory: one finished run's activation memory measured again from its checkpoint, written back."""
+    checkpoint = os.path.join(opts.save_root, name, "checkpoint_last.pt")
+    if result is None or result.get("reused_from") or not os.path.exists(checkpoint):
+        why = "no finished run" if result is None else ("taken from " + result["reused_from"] if result.get(
+            "reused_from") else f"no {checkpoint}")
+        print(f"== {name}: not measured again ({why})", flush=True)
+        return
+    before = result["activation_mib"]
+    result.update(measure(opts, checkpoint, user_dir(result["train_args"])))
+    print(f"== {name}: {before:.1f} -> {result['activation_mib']:.1f} MiB saved for backward", flush=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def comparable(settings):
