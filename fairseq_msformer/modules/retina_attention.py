@@ -61,8 +61,8 @@ class ChunkGroup:
     """Consecutive query chunks that share one key count per scale: which keys each chunk gathers
     (``flat_index``: (n, L) rows of every scale's keys laid end to end, scale by scale, see ``attend_chunks``) and
     the (n, Q, L) mask, True = may attend. For gated scales: ``widths`` (L_s, the columns of each scale),
-    ``opened_mask`` (n, Q, L), the mask in which a query that reads nothing of scale s is opened to all of s's
-    columns (a softmax needs a key), and ``present`` (n, Q, 1, S), whether a query reads any key of each scale:
+    ``opened_hidden`` (n, 1, Q, L), the mask's complement in which a query that reads nothing of scale s is
+    opened to all of s's columns (a softmax needs a key), and ``present`` (n, Q, 1, S), whether a query reads any key of each scale:
     the gates are multiplied by it, so an opened row's output (and its gradient) is exactly zero."""
 
     def __init__(self, t, bounds, block_lengths, chunk: int, length: int):
@@ -96,8 +96,8 @@ class ChunkGroup:
         return torch.cat([m.any(dim=2, keepdim=True) for m in self.masks], dim=2).unsqueeze(2)
 
     @functools.cached_property
-    def opened_mask(self) -> torch.Tensor:  # (n, Q, L)
-        return torch.cat([m | ~m.any(dim=2, keepdim=True) for m in self.masks], dim=2)
+    def opened_hidden(self) -> torch.Tensor:  # (n, 1, Q, L): True = hidden
+        return ~torch.cat([m | ~m.any(dim=2, keepdim=True) for m in self.masks], dim=2).unsqueeze(1)
 
 
 class RetinaLayout:
@@ -150,13 +150,15 @@ def attend_chunks(layout, heads, queries, gates, dropout, *keys_values):
             g = gates[:, start : start + n * q_len].reshape(bsz, n, q_len, heads, -1)  # (B, n, Q, H, S)
             g = (g * group.present).reshape(bsz * n, q_len, heads, -1).transpose(1, 2)  # (B*n,H,Q,S)
             # explicit scores: one SDPA call per scale on slices of k and v cost 2.1x the ungated attention, this 1.8x
-            mask = group.opened_mask.unsqueeze(1)  # (n, 1, Q, L)
-            scores = (q @ k.transpose(2, 3)) * q.size(-1) ** -0.5  # (B*n, H, Q, L)
-            scores = scores.view(bsz, n, heads, q_len, -1).masked_fill(~mask, float("-inf")).flatten(0, 1)
-            # a softmax per scale over its own columns, each scaled by its gate: (B*n, H, Q, L)
-            weights = torch.cat([torch.softmax(part, dim=-1) * g[..., s : s + 1]
-                                 for s, part in enumerate(scores.split(group.widths, dim=-1))], dim=-1)
-            out = F.dropout(weights, dropout) @ v if dropout > 0 else weights @ v  # (B*n, H, Q, D)
+            scores = (q * q.size(-1) ** -0.5) @ k.transpose(2, 3)  # (B*n, H, Q, L)
+            # in place: the matmul's backward needs its inputs, not its output
+            scores.view(bsz, n, heads, q_len, -1).masked_fill_(group.opened_hidden, float("-inf"))
+            # a softmax per scale over its own columns; the gates scale each scale's (Q, D) output, not its (Q, L_s)
+            # weights (cheaper): sum_s g_s * softmax(scores_s) @ v_s, (B*n, H, Q, D)
+            out = 0
+            for s, (part, values_s) in enumerate(zip(scores.split(group.widths, dim=-1), v.split(group.widths, dim=2))):
+                weights = torch.softmax(part, dim=-1)  # (B*n, H, Q, L_s)
+                out = out + (F.dropout(weights, dropout) if dropout > 0 else weights) @ values_s * g[..., s : s + 1]
         outputs.append(out.transpose(1, 2).reshape(bsz, n * q_len, dim))
         start += n * q_len
     return torch.cat(outputs, dim=1)
