@@ -1,4 +1,5 @@
 """Registration: the msformer_lm model and its architecture presets (--arch)."""
+import contextlib
 import logging
 from dataclasses import MISSING, fields
 
@@ -6,7 +7,7 @@ from fairseq.models import FairseqLanguageModel, register_model, register_model_
 from fairseq.models.transformer import Embedding
 from fairseq.modules import AdaptiveInput
 from fairseq.utils import eval_str_list, safe_getattr
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from ..errors import MsformerConfigError
 from .config import MsformerLMConfig, check_config
@@ -21,6 +22,7 @@ class MsformerLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
+        fill_missing_options(args)
         if safe_getattr(args, "tokens_per_sample", None) is None:
             args.tokens_per_sample = task.args.tokens_per_sample
         tokens_per_sample = args.tokens_per_sample
@@ -34,6 +36,18 @@ class MsformerLanguageModel(FairseqLanguageModel):
         check_sample_length(decoder, task)
         logger.info(describe_scales(args, decoder.grid, plan, tokens_per_sample))
         return cls(decoder)
+
+
+def fill_missing_options(args):
+    """A checkpoint saved before an option existed lacks it (fairseq rebuilds a preset's model from the saved config
+    and the preset alone, without the dataclass): give it the option's default, which is how that model ran."""
+    is_config = OmegaConf.is_config(args)
+    with open_dict(args) if is_config else contextlib.nullcontext():
+        for option in fields(MsformerLMConfig):
+            present = option.name in args if is_config else hasattr(args, option.name)
+            if not present and option.name != "_name":
+                default = option.default if option.default is not MISSING else option.default_factory()
+                setattr(args, option.name, None if str(default).startswith("${") else default)
 
 
 def build_embed_tokens(args, dictionary):
@@ -93,17 +107,8 @@ def describe_scales(args, grid, plan, tokens_per_sample):
 
 def _family(args, family):
     args.family = family
-    fill_missing_options(args)
 
 
-def fill_missing_options(args):
-    """A checkpoint saved before an option existed lacks it (fairseq rebuilds a preset's model from the saved config
-    and the preset alone): give it the option's default, which is how that model ran."""
-    for option in fields(MsformerLMConfig):
-        present = option.name in args if OmegaConf.is_config(args) else hasattr(args, option.name)
-        if not present and option.name != "_name":
-            default = option.default if option.default is not MISSING else option.default_factory()
-            setattr(args, option.name, None if str(default).startswith("${") else default)
 
 
 def _defaults(args, **values):
