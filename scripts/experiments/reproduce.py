@@ -622,7 +622,8 @@ def plot_frontier(results, out):
                                   (axes[1], "train_seconds", 1 / 60, "training minutes\n(train steps only; machine load may differ between runs)")):
         points = sorted((r[key] * scale, r["valid_ppl"], r["layers"], r["params"]) for r in frontier)
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="black", lw=1.5, ms=5,
-                label="transformer_lm at 2/4/6/8 layers (vanilla frontier)")
+                label=f"transformer_lm at {'/'.join(str(p[2]) for p in sorted(points, key=lambda p: p[2]))} layers "
+                      "(vanilla frontier)")
         for x, y, layers, params in points:
             ax.annotate(f"{layers}L, {params / 1e6:.2f}M", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         seen = {}  # (family, ours) -> models drawn so far: each gets its own marker
