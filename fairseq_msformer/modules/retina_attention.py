@@ -62,8 +62,9 @@ class ChunkGroup:
     (``flat_index``: (n, L) rows of every scale's keys laid end to end, scale by scale, see ``attend_chunks``) and
     the (n, Q, L) mask, True = may attend. For gated scales: ``widths`` (L_s, the columns of each scale),
     ``opened_hidden`` (n, 1, Q, L), the mask's complement in which a query that reads nothing of scale s is
-    opened to all of s's columns (a softmax needs a key), and ``present`` (n, Q, 1, S), whether a query reads any key of each scale:
-    the gates are multiplied by it, so an opened row's output (and its gradient) is exactly zero."""
+    opened to all of s's columns (a softmax needs a key), and ``present`` (n, Q, 1, S), whether a query reads any
+    key of each scale: the gates are multiplied by it, so an opened row's output (and its gradient) is exactly zero.
+    """
 
     def __init__(self, t, bounds, block_lengths, chunk: int, length: int):
         n = t.numel() // chunk
