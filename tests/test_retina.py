@@ -154,3 +154,17 @@ def test_recomputed_gather_gives_the_same_gradients():
         grads.append((out.detach(), *torch.autograd.grad(out.pow(2).sum(), [x, attn.attn.k_proj.weight])))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_selected_block_survives_a_half_precision_score_overflow():
+    """--retina-select ranks blocks in fp32: a selectable block whose fp16 score q . k (80,000 here) overflows to
+    inf is still read, not dropped as if it were unselectable."""
+    from fairseq_msformer.modules.retina_attention import attend_selected
+
+    query = torch.full((1, 1, 8), 100.0).half()  # (B, N, C), 2 heads of 4 dims
+    tokens = torch.full((1, 4, 8), 100.0).half()  # one block of 4 tokens
+    block_keys = torch.full((1, 1, 8), 100.0).half()
+    assert torch.isinf(query @ block_keys.transpose(1, 2)).all()
+    out = attend_selected(query, torch.ones(1, 1, 2, 1).half(), tokens, torch.ones(1, 4, 8).half(), block_keys, 4,
+                          torch.ones(1, 1, dtype=torch.bool), 1, 2, 0.0)
+    torch.testing.assert_close(out.float(), torch.ones(1, 1, 8))

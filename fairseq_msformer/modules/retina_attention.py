@@ -180,10 +180,11 @@ def attend_selected(queries, gate, token_keys, token_values, block_keys, block_l
     count = min(count, num_blocks)
     if count == 0:
         return queries.new_zeros(bsz, n, dim)
-    with torch.no_grad():  # the choice gets no gradient
-        importance = (queries @ block_keys.transpose(1, 2)).masked_fill(~selectable, float("-inf"))  # (B, N, nb)
-        top, chosen = importance.topk(count, dim=-1)  # (B, N, n)
-        picked = torch.isfinite(top)  # (B, N, n): False where fewer than `count` blocks are selectable
+    with torch.no_grad():  # the choice gets no gradient; scored in fp32 (fp16 scores could overflow to inf)
+        importance = queries.float() @ block_keys.float().transpose(1, 2)  # (B, N, nb)
+        top, chosen = importance.masked_fill(~selectable, float("-inf")).topk(count, dim=-1)  # (B, N, n)
+        # False where fewer than `count` blocks are selectable (the rest of the top-n are unselectable ones)
+        picked = selectable.expand_as(importance).gather(2, chosen)  # (B, N, n)
         blocks = torch.zeros_like(importance, dtype=torch.bool).scatter_(2, chosen, picked)  # (B, N, nb)
         mask = blocks.repeat_interleave(block_len, dim=2)  # (B, N, nb*K)
         mask = F.pad(mask, (0, token_keys.size(1) - mask.size(2)))  # (B, N, M)

@@ -756,9 +756,13 @@ def main(argv=None):
 def remeasure_memory(opts, name, path, result):
     """--remeasure-memory: one finished run's activation memory measured again from its checkpoint, written back."""
     checkpoint = os.path.join(opts.save_root, name, "checkpoint_last.pt")
-    if result is None or result.get("reused_from") or not os.path.exists(checkpoint):
-        why = "no finished run" if result is None else ("taken from " + result["reused_from"] if result.get(
-            "reused_from") else f"no {checkpoint}")
+    marker = os.path.join(opts.save_root, name, "run.json")  # the run the folder holds (claim_save_dir)
+    held = json.load(open(marker)) if os.path.exists(marker) else None
+    other = held is not None and result is not None and held != {"settings": result["settings"],
+                                                                 "train_args": result["train_args"]}
+    if result is None or result.get("reused_from") or not os.path.exists(checkpoint) or other:
+        why = ("no finished run" if result is None else "taken from " + result["reused_from"]
+               if result.get("reused_from") else f"{checkpoint} holds another run" if other else f"no {checkpoint}")
         print(f"== {name}: not measured again ({why})", flush=True)
         return
     before = result["activation_mib"]
