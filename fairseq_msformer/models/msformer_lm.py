@@ -109,8 +109,6 @@ def _family(args, family):
     args.family = family
 
 
-
-
 def _defaults(args, **values):
     for name, value in values.items():
         setattr(args, name, safe_getattr(args, name, value))

@@ -202,15 +202,20 @@ def attend_selected(queries, gate, token_keys, token_values, block_keys, block_l
     return out.transpose(1, 2).reshape(bsz, n, dim)
 
 
-@functools.lru_cache(maxsize=32)
-def selectable_blocks(length, block_lengths, window, blocks, device) -> torch.Tensor:
-    """(T, T / K_{S-1}) bool: query t may select block j of the coarsest scale iff the block lies wholly before its
-    window (complete, so leak-free, and not already read at full resolution): (j + 1) * K <= b_0(t)."""
-    t = torch.arange(length, device=torch.device(device))
-    window_start = retina_bounds(t, list(block_lengths), window, list(blocks))[0]  # (T,)
-    k = block_lengths[-1]
-    ends = (torch.arange(length // k, device=t.device) + 1) * k  # (nb,)
+def selectable_blocks(t: torch.Tensor, num_blocks: int, block_lengths, window: int, blocks) -> torch.Tensor:
+    """(N, nb) bool for queries at positions t (N,): query t may select block j of the coarsest scale iff the block
+    lies wholly before its window (complete, so leak-free, and not already read at full resolution):
+    (j + 1) * K <= b_0(t). The full pass and a decoding step both ask this."""
+    window_start = retina_bounds(t, list(block_lengths), window, list(blocks))[0]  # (N,)
+    ends = (torch.arange(num_blocks, device=t.device) + 1) * block_lengths[-1]  # (nb,)
     return ends.unsqueeze(0) <= window_start.unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=32)
+def selectable_in_sample(length, block_lengths, window, blocks, device) -> torch.Tensor:
+    """selectable_blocks for every position of a sample of `length` tokens, (T, T / K_{S-1}); cached per length."""
+    t = torch.arange(length, device=torch.device(device))
+    return selectable_blocks(t, length // block_lengths[-1], block_lengths, window, blocks)
 
 
 @functools.lru_cache(maxsize=32)
@@ -291,7 +296,8 @@ class RetinaAttention(nn.Module):
         return self.attn.out_proj(out)
 
     def selectable(self, length: int, device) -> torch.Tensor:
-        return selectable_blocks(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks), str(device))
+        return selectable_in_sample(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks),
+                                    str(device))
 
     def scale_gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) query inputs -> (B, N, H, S) gates in (0, 1), one per head and scale."""
@@ -342,9 +348,9 @@ class RetinaAttention(nn.Module):
             selected = None
             if f"{name}.select_blocks" in cache:
                 blocks = cache[f"{name}.select_blocks"]  # (B, nb, C)
-                ends = (torch.arange(blocks.size(1), device=x.device) + 1) * lengths[-1]
-                selected = (cache[f"{name}.select_k"], cache[f"{name}.select_v"], blocks,
-                            (ends <= bounds[0]).unsqueeze(0))  # selectable (1, nb)
+                selectable = selectable_blocks(torch.tensor([t], device=x.device), blocks.size(1), lengths,
+                                               self.window, self.blocks)  # (1, nb)
+                selected = (cache[f"{name}.select_k"], cache[f"{name}.select_v"], blocks, selectable)
             return self.gated_step(x, position, scales, keys, values, selected)
         keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, L_t, C)
         return self.attn.attend(x, self.attn.split_heads(keys), self.attn.split_heads(values), positions=position)
@@ -356,11 +362,12 @@ class RetinaAttention(nn.Module):
         query = self.attn.project_queries(x, position)  # (B, 1, C)
         q = self.attn.split_heads(query)  # (B, H, 1, D)
         gates = self.scale_gates(x)  # (B, 1, H, S [+ 1])
+        head_gates = gates.transpose(1, 2)  # (B, H, 1, S [+ 1])
         out = torch.zeros_like(q)
         for s, k, v in zip(scales, keys, values):
             if k.size(1) > 0:
                 read = F.scaled_dot_product_attention(q, self.attn.split_heads(k), self.attn.split_heads(v))
-                out = out + read * gates.transpose(1, 2)[..., s : s + 1]
+                out = out + read * head_gates[..., s : s + 1]
         out = self.attn.merge_heads(out)  # (B, 1, C)
         if selected is not None:
             token_keys, token_values, block_keys, selectable = selected

@@ -731,11 +731,11 @@ def main(argv=None):
         seed_opts = argparse.Namespace(**{**vars(opts), "seed": seed})
         settings = settings_of(seed_opts)
         old = json.load(open(path)) if os.path.exists(path) else None
+        finished = old if old and old.get("settings") == settings and old.get("train_args") == model_args else None
         if opts.remeasure_memory:
-            same = old and old.get("settings") == settings and old.get("train_args") == model_args
-            remeasure_memory(seed_opts, name, path, old if same else None)
+            remeasure_memory(seed_opts, name, path, finished)
             continue
-        if old and old.get("settings") == settings and old.get("train_args") == model_args:
+        if finished:
             print(f"== {name}: done earlier ({path}), skipped", flush=True)
             continue
         result = same_run_in_main(seed_opts, model, model_args)
@@ -747,30 +747,37 @@ def main(argv=None):
             result["threads"] = opts.threads
         result["settings"] = settings
         result["family"], result["implementation"] = family_and_implementation(model_args)
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)  # a crash never leaves a half-written result
+        write_json(path, result)
     report(opts)
 
 
-def remeasure_memory(opts, name, path, result):
-    """--remeasure-memory: one finished run's activation memory measured again from its checkpoint, written back."""
-    checkpoint = os.path.join(opts.save_root, name, "checkpoint_last.pt")
-    marker = os.path.join(opts.save_root, name, "run.json")  # the run the folder holds (claim_save_dir)
-    held = json.load(open(marker)) if os.path.exists(marker) else None
-    other = held is not None and result is not None and held != {"settings": result["settings"],
-                                                                 "train_args": result["train_args"]}
-    if result is None or result.get("reused_from") or not os.path.exists(checkpoint) or other:
-        why = ("no finished run" if result is None else "taken from " + result["reused_from"]
-               if result.get("reused_from") else f"{checkpoint} holds another run" if other else f"no {checkpoint}")
-        print(f"== {name}: not measured again ({why})", flush=True)
-        return
-    before = result["activation_mib"]
-    result.update(measure(opts, checkpoint, user_dir(result["train_args"])))
-    print(f"== {name}: {before:.1f} -> {result['activation_mib']:.1f} MiB saved for backward", flush=True)
+def write_json(path, result):
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(path + ".tmp", path)  # a crash never leaves a half-written result
+
+
+def remeasure_memory(opts, name, path, result):
+    """--remeasure-memory: one finished run's activation memory (None: no finished run with these settings) measured
+    again from its checkpoint, written back."""
+    folder = os.path.join(opts.save_root, name)
+    checkpoint, marker = os.path.join(folder, "checkpoint_last.pt"), os.path.join(folder, "run.json")
+    if result is None:
+        why = "no finished run"
+    elif result.get("reused_from"):
+        why = "taken from " + result["reused_from"]
+    elif not os.path.exists(checkpoint):
+        why = f"no {checkpoint}"
+    elif os.path.exists(marker) and json.load(open(marker)) != {"settings": result["settings"],
+                                                               "train_args": result["train_args"]}:
+        why = f"{folder} holds another run"  # the run a folder holds: claim_save_dir
+    else:
+        before = result["activation_mib"]
+        result.update(measure(opts, checkpoint, user_dir(result["train_args"])))
+        print(f"== {name}: {before:.1f} -> {result['activation_mib']:.1f} MiB saved for backward", flush=True)
+        write_json(path, result)
+        return
+    print(f"== {name}: not measured again ({why})", flush=True)
 
 
 def comparable(settings):
