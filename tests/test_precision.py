@@ -125,7 +125,7 @@ def test_op_keeps_its_input_dtype(op, module_dtype, input_dtype, autocast):
 
 
 def family_id(arch, options):
-    return arch + ("-rotary-glu" if options.get("rotary_positions") else "")
+    return arch + ("-gate" if options.get("retina_gate") else "") + ("-rotary-glu" if options.get("rotary_positions") else "")
 
 
 DTYPE_FAMILIES = [  # every stream-starting projection and dtype-keeping op in use
@@ -267,6 +267,10 @@ FAMILIES = [
     ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", pool_type="max")),
     ("msformer_lm_top_down", dict(pool_factors="4,2", scale_layers="1,1", rotary_positions=True, ffn_glu=True,
                                   activation_fn="gelu")),
+    # gated scales: a hand-written backward that must find forward's dtypes under autocast. (Not --retina-select:
+    # its top-k choice is discontinuous, bf16 rounding flips near-tied picks: max |delta log p| ~0.14, mean as fp16)
+    ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="5,9,-1", retina_gate=True,
+                                rotary_positions=True)),
 ]
 
 # Our half-precision log-probabilities may deviate from fp32 by at most this many times as much as transformer_lm's

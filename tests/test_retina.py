@@ -9,10 +9,11 @@ from fairseq_msformer.modules import ScaleGrid
 from fairseq_msformer.modules.retina_attention import RetinaAttention
 
 
-def make_attention(factors, window, blocks, pool_type="mean"):
+def make_attention(factors, window, blocks, pool_type="mean", gate=False):
     torch.manual_seed(0)
     args = argparse.Namespace(decoder_embed_dim=16, decoder_attention_heads=2, attention_dropout=0.0,
-                              pool_type=pool_type, max_target_positions=256, decoder_learned_pos=True)
+                              pool_type=pool_type, max_target_positions=256, decoder_learned_pos=True,
+                              retina_gate=gate)
     return RetinaAttention(args, ScaleGrid(factors), window, blocks).eval()
 
 
@@ -43,21 +44,32 @@ def plan_keys(spans, block_lengths):
 
 def reference(attn, x):
     """Dense per-query attention over the plan's keys: a block's key/value is the mean of its tokens' projected
-    keys/values (mean pooling), plus its scale's position vector on the key."""
+    keys/values (mean pooling), plus its scale's position vector on the key. One softmax over all keys; with gated
+    scales (--retina-gate) a softmax per scale, the scales' outputs weighted by sigmoid(gate(x)) per head."""
     lengths, heads = attn.grid.block_lengths, attn.attn.num_heads
     k_tok, v_tok, queries = attn.attn.k_proj(x), attn.attn.v_proj(x), attn.attn.q_proj(x)  # (B, T, C)
     split = lambda y: y.view(y.size(0), y.size(1), heads, -1).transpose(1, 2)  # noqa: E731  (B, H, N, D)
+    gates = None if attn.gate is None else torch.sigmoid(attn.gate(x)).view(x.size(0), x.size(1), heads, -1)
     outputs = []
     for t in range(x.size(1)):
-        keys, values = [], []
+        keys, values, scale_of = [], [], []
         for s, tokens in plan_keys(reading_plan(t, lengths, attn.window, attn.blocks), lengths):
             k, v = k_tok[:, tokens].mean(1), v_tok[:, tokens].mean(1)  # (B, C)
             if s > 0:
                 k = k + attn.key_positions[s - 1].weight[tokens[0] // lengths[s]]
             keys.append(k)
             values.append(v)
+            scale_of.append(s)
         k, v, q = split(torch.stack(keys, 1)), split(torch.stack(values, 1)), split(queries[:, t : t + 1])
-        out = torch.softmax(q @ k.transpose(-1, -2) / q.size(-1) ** 0.5, -1) @ v  # (B, H, 1, D)
+        scores = q @ k.transpose(-1, -2) / q.size(-1) ** 0.5  # (B, H, 1, L_t)
+        if gates is None:
+            out = torch.softmax(scores, -1) @ v  # (B, H, 1, D)
+        else:
+            out = 0
+            for s in sorted(set(scale_of)):
+                cols = [i for i, scale in enumerate(scale_of) if scale == s]
+                read = torch.softmax(scores[..., cols], -1) @ v[:, :, cols]  # (B, H, 1, D)
+                out = out + read * gates[:, t, :, s].view(x.size(0), heads, 1, 1)
         outputs.append(out.transpose(1, 2).reshape(x.size(0), 1, -1))
     return attn.attn.out_proj(torch.cat(outputs, dim=1))
 
@@ -74,6 +86,40 @@ def test_blockwise_retina_equals_reference(factors, window, blocks, length):
     attn = make_attention(factors, window, blocks)
     x = torch.randn(2, length, 16)
     torch.testing.assert_close(attn.self_attention(x), reference(attn, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factors,window,blocks,length", CONFIGS[:3] + CONFIGS[6:8])
+def test_gated_retina_and_its_gradients_equal_reference(factors, window, blocks, length):
+    """--retina-gate: blockwise, with its hand-written backward (gated_chunks.py), equals the dense reference in
+    output and in the gradients of the input and of every parameter."""
+    attn = make_attention(factors, window, blocks, gate=True).train()
+    x = torch.randn(2, length, 16, requires_grad=True)
+    params = [p for p in attn.parameters() if p.requires_grad]
+    got, want = attn.self_attention(x), reference(attn, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(got)  # a loss that weighs every output differently
+    # allow_unused: the reference leaves out a position table of blocks no query reads (the module's gradient: 0)
+    for p, a, b in zip([x, *params], torch.autograd.grad((got * weights).sum(), [x, *params], allow_unused=True),
+                       torch.autograd.grad((want * weights).sum(), [x, *params], allow_unused=True)):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(p), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gated_chunk_attention_passes_gradcheck(dropout):
+    """The hand-written backward against finite differences (float64), with attention dropout too (same seed)."""
+    from fairseq_msformer.modules.gated_chunks import GatedChunkAttention
+    from fairseq_msformer.modules.retina_attention import RetinaLayout
+
+    layout = RetinaLayout(32, [1, 2, 4], 4, [2, -1], 4, "cpu")  # 8 chunks of 4 queries, 3 scales
+    torch.manual_seed(0)
+    q, keys, values = (torch.randn(1, 2, n, 2, dtype=torch.double, requires_grad=True) for n in (32, 56, 56))
+    gates = torch.rand(1, 2, 32, 3, dtype=torch.double, requires_grad=True)
+
+    def attention(*inputs):
+        torch.manual_seed(1)  # the same dropout mask at every call
+        return GatedChunkAttention.apply(*inputs, layout, dropout)
+
+    assert torch.autograd.gradcheck(attention, (q, keys, values, gates))
 
 
 def test_some_configs_need_chunk_padding():
@@ -143,9 +189,10 @@ def test_retina_keys_per_query_do_not_grow_with_length():
     assert grown == (4096 - 1024) // 16  # the unbounded last scale adds T / K_2 keys, nothing else
 
 
-def test_recomputed_gather_gives_the_same_gradients():
+@pytest.mark.parametrize("gate", [False, True])
+def test_recomputed_gather_gives_the_same_gradients(gate):
     """Training recomputes the gather in backward (less memory); outputs and gradients are unchanged."""
-    attn = make_attention([4, 4], 16, [3, -1]).train()
+    attn = make_attention([4, 4], 16, [3, -1], gate=gate).train()
     x = torch.randn(2, 64, 16, requires_grad=True)
     grads = []
     for recompute in (True, False):

@@ -80,7 +80,9 @@ class MsformerLMConfig(FairseqDataclass):
     no_retina_recompute: bool = field(
         default=False,
         metadata={"help": "retina only: keep each query chunk's gathered keys/values for backward instead of "
-                          "gathering them again there (faster, but ~1.6x the activation memory)"},
+                          "recomputing its attention there (faster, ~2x the activation memory); for the one-softmax "
+                          "scales and --retina-select's branch (--retina-gate's scales keep their weights and "
+                          "only gather again)"},
     )
     # --- layer sizes ---
     decoder_embed_dim: int = field(default=512, metadata={"help": "model width at every scale"})

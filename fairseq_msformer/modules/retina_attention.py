@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiScaleAttention, append_cache
+from .gated_chunks import attend_chunks_gated
 from .pooling import BlockPool
 from .positions import coarse_scale_positions, rotary_fraction
 
@@ -61,8 +62,8 @@ class ChunkGroup:
     """Consecutive query chunks that share one key count per scale: which keys each chunk gathers
     (``flat_index``: (n, L) rows of every scale's keys laid end to end, scale by scale, see ``attend_chunks``) and
     the (n, Q, L) mask, True = may attend. For gated scales: ``widths`` (L_s, the columns of each scale),
-    ``opened_hidden`` (n, 1, Q, L), the mask's complement in which a query that reads nothing of scale s is
-    opened to all of s's columns (a softmax needs a key), and ``present`` (n, Q, 1, S), whether a query reads any
+    ``opened_hidden`` (n, Q, L), the mask's complement in which a query that reads nothing of scale s is
+    opened to all of s's columns (a softmax needs a key), and ``present`` (n, Q, S), whether a query reads any
     key of each scale: the gates are multiplied by it, so an opened row's output (and its gradient) is exactly zero.
     """
 
@@ -93,12 +94,12 @@ class ChunkGroup:
 
     # the gated scales' masks: built on first use (a layout is cached, so once per length)
     @functools.cached_property
-    def present(self) -> torch.Tensor:  # (n, Q, 1, S): broadcast over heads
-        return torch.cat([m.any(dim=2, keepdim=True) for m in self.masks], dim=2).unsqueeze(2)
+    def present(self) -> torch.Tensor:  # (n, Q, S): broadcast over batch and heads
+        return torch.cat([m.any(dim=2, keepdim=True) for m in self.masks], dim=2)
 
     @functools.cached_property
-    def opened_hidden(self) -> torch.Tensor:  # (n, 1, Q, L): True = hidden
-        return ~torch.cat([m | ~m.any(dim=2, keepdim=True) for m in self.masks], dim=2).unsqueeze(1)
+    def opened_hidden(self) -> torch.Tensor:  # (n, Q, L): True = hidden
+        return ~torch.cat([m | ~m.any(dim=2, keepdim=True) for m in self.masks], dim=2)
 
 
 class RetinaLayout:
@@ -122,12 +123,10 @@ class RetinaLayout:
             self.groups.append(ChunkGroup(t[span], [b[span] for b in bounds], block_lengths, chunk, length))
 
 
-def attend_chunks(layout, heads, queries, gates, dropout, *keys_values):
-    """Blockwise retina attention: queries (B, C*Q, C) -> (B, C*Q, C), heads split from the key width.
-
-    `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values; `gates` (B, C*Q, H, S)
-    in (0, 1) mixes the scales read with a softmax each (None: one softmax over all scales).
-    """
+def attend_chunks(layout, heads, queries, dropout, *keys_values):
+    """Blockwise retina attention, one softmax over all scales: queries (B, C*Q, C) -> (B, C*Q, C), heads split
+    from the key width. `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values.
+    (Gated scales: ``attend_chunks_gated``.)"""
     scales = len(keys_values) // 2
     # every scale's keys (values) end to end, (B, sum_s T / K_s, C): one gather per chunk group reads all scales
     keys, values = torch.cat(keys_values[:scales], dim=1), torch.cat(keys_values[scales:], dim=1)
@@ -144,22 +143,8 @@ def attend_chunks(layout, heads, queries, gates, dropout, *keys_values):
 
         k, v = gather(keys), gather(values)  # (B*n, H, L, D)
         q = queries[:, start : start + n * q_len].reshape(bsz * n, q_len, heads, -1).transpose(1, 2)
-        if gates is None:
-            mask = group.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B*n, H, Q, D)
-        else:
-            g = gates[:, start : start + n * q_len].reshape(bsz, n, q_len, heads, -1)  # (B, n, Q, H, S)
-            g = (g * group.present).reshape(bsz * n, q_len, heads, -1).transpose(1, 2)  # (B*n,H,Q,S)
-            # explicit scores: one SDPA call per scale on slices of k and v cost 2.1x the ungated attention, this ~1.65x
-            scores = (q * q.size(-1) ** -0.5) @ k.transpose(2, 3)  # (B*n, H, Q, L)
-            # in place: the matmul's backward needs its inputs, not its output
-            scores.view(bsz, n, heads, q_len, -1).masked_fill_(group.opened_hidden, float("-inf"))
-            # a softmax per scale over its own columns; the gates scale each scale's (Q, D) output, not its (Q, L_s)
-            # weights (cheaper): sum_s g_s * softmax(scores_s) @ v_s, (B*n, H, Q, D)
-            out = 0
-            for s, (part, values_s) in enumerate(zip(scores.split(group.widths, dim=-1), v.split(group.widths, dim=2))):
-                weights = torch.softmax(part, dim=-1)  # (B*n, H, Q, L_s)
-                out = out + (F.dropout(weights, dropout) if dropout > 0 else weights) @ values_s * g[..., s : s + 1]
+        mask = group.mask.unsqueeze(1).repeat(bsz, 1, 1, 1)  # (B*n, 1, Q, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B*n, H, Q, D)
         outputs.append(out.transpose(1, 2).reshape(bsz, n * q_len, dim))
         start += n * q_len
     return torch.cat(outputs, dim=1)
@@ -277,22 +262,22 @@ class RetinaAttention(nn.Module):
         heads, dropout = self.attn.num_heads, self.attn.attention_dropout if self.training else 0.0
         selectable = self.selectable(length, x.device) if self.select else None
 
-        def read(queries, gates, *keys_values):  # -> (B, T, C), the heads' outputs side by side
-            scale_gates = gates if not self.select else gates[..., :-1]
-            out = attend_chunks(layout, heads, queries, scale_gates, dropout, *keys_values)[:, :length]
-            if self.select:
-                scales = len(keys_values) // 2
-                out = out + attend_selected(queries[:, :length], gates[:, :length, :, -1:], keys_values[0],
-                                            keys_values[scales], keys_values[scales - 1], self.grid.block_lengths[-1],
-                                            selectable, self.select, heads, dropout)
-            return out
-
-        if self.recompute and torch.is_grad_enabled():
-            # keep only the per-scale keys/values for backward and gather again there: every chunk's own copy
-            # of the keys it reads would otherwise be saved (~3x the memory of dense fused attention)
-            out = checkpoint(read, queries, gates, *keys, *values, use_reentrant=False)
-        else:
-            out = read(queries, gates, *keys, *values)
+        # recompute: keep only the per-scale keys/values for backward and gather again there: every chunk's own
+        # copy of the keys it reads would otherwise be saved (~3x the memory of dense fused attention)
+        recompute = self.recompute and torch.is_grad_enabled()
+        if self.gate is None:
+            read = functools.partial(attend_chunks, layout, heads)
+            args = (queries, dropout, *keys, *values)
+            out = (checkpoint(read, *args, use_reentrant=False) if recompute else read(*args))[:, :length]
+            return self.attn.out_proj(out)
+        # gated scales keep their softmax weights and gather again in backward by themselves (gated_chunks.py)
+        scales = self.grid.num_scales
+        out = attend_chunks_gated(layout, heads, queries, gates[..., :scales], dropout, *keys, *values)[:, :length]
+        if self.select:
+            read = functools.partial(attend_selected, block_len=self.grid.block_lengths[-1], selectable=selectable,
+                                     count=self.select, heads=heads, dropout=dropout)
+            args = (queries[:, :length], gates[:, :length, :, -1:], keys[0], values[0], keys[-1])
+            out = out + (checkpoint(read, *args, use_reentrant=False) if recompute else read(*args))
         return self.attn.out_proj(out)
 
     def selectable(self, length: int, device) -> torch.Tensor:
