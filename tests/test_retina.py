@@ -104,9 +104,11 @@ def test_gated_retina_and_its_gradients_equal_reference(factors, window, blocks,
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(p), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep_weights", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_gated_chunk_attention_passes_gradcheck(dropout):
-    """The hand-written backward against finite differences (float64), with attention dropout too (same seed)."""
+def test_gated_chunk_attention_passes_gradcheck(dropout, keep_weights):
+    """The hand-written backward against finite differences (float64), with attention dropout too (same seed), the
+    softmax weights computed again in backward or kept (--no-retina-recompute)."""
     from fairseq_msformer.modules.gated_chunks import GatedChunkAttention
     from fairseq_msformer.modules.retina_attention import RetinaLayout
 
@@ -117,7 +119,7 @@ def test_gated_chunk_attention_passes_gradcheck(dropout):
 
     def attention(*inputs):
         torch.manual_seed(1)  # the same dropout mask at every call
-        return GatedChunkAttention.apply(*inputs, layout, dropout)
+        return GatedChunkAttention.apply(*inputs, layout, dropout, keep_weights)
 
     assert torch.autograd.gradcheck(attention, (q, keys, values, gates))
 

@@ -79,10 +79,10 @@ class MsformerLMConfig(FairseqDataclass):
     )
     no_retina_recompute: bool = field(
         default=False,
-        metadata={"help": "retina only: keep each query chunk's gathered keys/values for backward instead of "
-                          "recomputing its attention there (faster, ~2x the activation memory); for the one-softmax "
-                          "scales and --retina-select's branch (--retina-gate's scales keep their weights and "
-                          "only gather again)"},
+        metadata={"help": "retina only: keep for backward what training otherwise computes again there: each "
+                          "query chunk's gathered keys/values and attention (one softmax: faster, ~2x the attention's "
+                          "activation memory), or with --retina-gate the scales' softmax weights (gathered keys are "
+                          "gathered again either way: ~1.2x)"},
     )
     # --- layer sizes ---
     decoder_embed_dim: int = field(default=512, metadata={"help": "model width at every scale"})

@@ -1,4 +1,4 @@
-"""Retina's gated scales (--retina-gate), blockwise, with a hand-written backward that keeps the attention weights.
+"""Retina's gated scales (--retina-gate), blockwise, with a hand-written backward.
 
 Each query reads every scale s through its own softmax and mixes the scales' outputs with sigmoid gates:
 
@@ -6,9 +6,11 @@ Each query reads every scale s through its own softmax and mixes the scales' out
 
 Query chunks gather the keys they read (``ChunkGroup.flat_index``), so a chunk's gathered keys and values are
 copies, about (W + Q + blocks) / Q times the size of the originals (~6x at W = 64, Q = 32). Plain autograd would
-keep those copies for backward, and recomputing the whole attention in backward (checkpointing) costs a second
-forward pass. This Function keeps the weights P_s (H * L numbers per query) and the un-gathered keys and values,
-and gathers again in backward (an index_select, cheap): one backward pass, no second forward.
+keep those copies for backward; checkpointing the whole attention instead costs a second forward pass, and its
+autograd bookkeeping, in backward. This Function keeps only the un-gathered queries, keys, values and gates and
+gathers again in backward (an index_select, cheap). The softmax weights P_s (H * L numbers per query) are computed
+again there too (one matmul and the softmaxes: the default, --retina-gate's memory), or kept from forward
+(``keep_weights``, --no-retina-recompute: about 1.2x the layer's memory, no second pass at all).
 
 Backward, per scale s (O_s = P_s V_s is recomputed, one matmul, rather than kept):
     dg_s = rowsum(dOut * O_s)              dV_s = P_s^T (g_s dOut)            dP_s = (g_s dOut) V_s^T
@@ -26,40 +28,48 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(bsz, n, heads, -1).transpose(1, 2).contiguous()
 
 
+def scale_weights(q_group, k, group, dtype) -> list:
+    """Each scale's softmax weights, [(B, H, n, Q, L_s)], of chunk queries (B, H, n, Q, D) over their gathered keys
+    (B, H, n, L, D); the softmax computed in fp32 (fp64 for fp64 inputs) whatever `dtype`, the weights kept in it."""
+    exact = torch.promote_types(dtype, torch.float32)
+    scores = (q_group @ k.transpose(-1, -2)).masked_fill_(group.opened_hidden, float("-inf"))  # (B, H, n, Q, L)
+    return [torch.softmax(part, dim=-1, dtype=exact).to(dtype) for part in scores.split(group.widths, dim=-1)]
+
+
 class GatedChunkAttention(torch.autograd.Function):
     """q (B, H, C*Q, D) already scaled by 1/sqrt(D), keys/values (B, H, N, D) every scale end to end, gates
-    (B, H, C*Q, S) -> (B, H, C*Q, D). `layout` is a RetinaLayout (its groups' gather indices and masks)."""
+    (B, H, C*Q, S) -> (B, H, C*Q, D). `layout` is a RetinaLayout (its groups' gather indices and masks).
+    keep_weights: keep the softmax weights for backward (fast) or compute them again there (less memory)."""
 
     @staticmethod
-    def forward(ctx, q, keys, values, gates, layout, dropout: float):
+    def forward(ctx, q, keys, values, gates, layout, dropout: float, keep_weights: bool):
         # one dtype throughout (q's: the model's, or autocast's for the projections), and autocast off in here:
         # backward, which autocast does not reach, must find the dtypes forward computed in
         with torch.autocast(q.device.type, enabled=False):
             return GatedChunkAttention.attend(ctx, q, keys.to(q.dtype), values.to(q.dtype), gates.to(q.dtype), layout,
-                                              dropout)
+                                              dropout, keep_weights)
 
     @staticmethod
-    def attend(ctx, q, keys, values, gates, layout, dropout: float):
+    def attend(ctx, q, keys, values, gates, layout, dropout, keep_weights):
         bsz, heads, _, dim = q.shape
         q_len, outputs, saved, start = layout.chunk, [], [], 0
-        exact = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (or fp64) even for half inputs
         for group in layout.groups:
             n, index = group.chunks, group.flat_index.flatten()  # (n*L,)
             k = keys.index_select(2, index).view(bsz, heads, n, -1, dim)  # (B, H, n, L, D)
             v = values.index_select(2, index).view(bsz, heads, n, -1, dim)
             q_group = q[:, :, start : start + n * q_len].view(bsz, heads, n, q_len, dim)  # (B, H, n, Q, D)
             g = gates[:, :, start : start + n * q_len].reshape(bsz, heads, n, q_len, -1) * group.present  # (..,Q,S)
-            scores = (q_group @ k.transpose(-1, -2)).masked_fill_(group.opened_hidden, float("-inf"))  # (.., Q, L)
             out = q_group.new_zeros(q_group.shape)
-            for s, (part, v_s) in enumerate(zip(scores.split(group.widths, dim=-1), v.split(group.widths, dim=3))):
-                weights = torch.softmax(part, dim=-1, dtype=exact).to(q.dtype)  # (B, H, n, Q, L_s)
+            for s, (weights, v_s) in enumerate(zip(scale_weights(q_group, k, group, q.dtype),
+                                                   v.split(group.widths, dim=3))):
+                # attention dropout: the kept mask is saved (one byte per weight) whether or not the weights are
                 kept = torch.rand_like(weights) >= dropout if dropout > 0 else None
                 mixed = weights * kept / (1 - dropout) if kept is not None else weights
                 out += (mixed @ v_s) * g[..., s : s + 1]  # (B, H, n, Q, D)
-                saved += [weights] + ([kept] if kept is not None else [])
+                saved += ([weights] if keep_weights else []) + ([kept] if kept is not None else [])
             outputs.append(out.view(bsz, heads, n * q_len, dim))
             start += n * q_len
-        ctx.layout, ctx.dropout = layout, dropout
+        ctx.layout, ctx.dropout, ctx.keep_weights = layout, dropout, keep_weights
         ctx.save_for_backward(q, keys, values, gates, *saved)
         return torch.cat(outputs, dim=2)
 
@@ -79,9 +89,10 @@ class GatedChunkAttention(torch.autograd.Function):
             q_group = q[:, :, rows].view(bsz, heads, n, q_len, dim)
             d_out = grad_out[:, :, rows].reshape(bsz, heads, n, q_len, dim)
             g = gates[:, :, rows].reshape(bsz, heads, n, q_len, -1) * group.present  # (B, H, n, Q, S)
+            recomputed = None if ctx.keep_weights else iter(scale_weights(q_group, k, group, q.dtype))
             d_g, d_scores, d_v = [], [], []
-            for s, (k_s, v_s) in enumerate(zip(k.split(group.widths, dim=3), v.split(group.widths, dim=3))):
-                weights = next(saved)  # (B, H, n, Q, L_s)
+            for s, v_s in enumerate(v.split(group.widths, dim=3)):
+                weights = next(saved) if recomputed is None else next(recomputed)  # (B, H, n, Q, L_s)
                 kept = next(saved) if dropout > 0 else None
                 mixed = weights * kept / (1 - dropout) if kept is not None else weights
                 d_g.append(((mixed @ v_s) * d_out).sum(-1, keepdim=True))  # (B, H, n, Q, 1)
@@ -97,17 +108,18 @@ class GatedChunkAttention(torch.autograd.Function):
             grad_values.index_add_(2, index, torch.cat(d_v, dim=3).flatten(2, 3))
             grad_gates[:, :, rows] = (torch.cat(d_g, dim=-1) * group.present).view(bsz, heads, n * q_len, -1)
             start += n * q_len
-        return grad_q, grad_keys, grad_values, grad_gates, None, None  # autograd casts each to its input's dtype
+        return grad_q, grad_keys, grad_values, grad_gates, None, None, None  # autograd casts each to its input's dtype
 
 
-def attend_chunks_gated(layout, heads, queries, gates, dropout, *keys_values):
+def attend_chunks_gated(layout, heads, queries, gates, dropout, keep_weights, *keys_values):
     """Gated blockwise retina attention: queries (B, C*Q, C), gates (B, C*Q, H, S) in (0, 1) -> (B, C*Q, C).
 
-    `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values."""
+    `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values; keep_weights: see
+    GatedChunkAttention."""
     scales = len(keys_values) // 2
     bsz, _, dim = queries.shape
     keys = split_heads(torch.cat(keys_values[:scales], dim=1), heads)  # (B, H, sum_s T / K_s, D)
     values = split_heads(torch.cat(keys_values[scales:], dim=1), heads)
     q = split_heads(queries * (dim // heads) ** -0.5, heads)  # (B, H, C*Q, D), scaled once
-    out = GatedChunkAttention.apply(q, keys, values, gates.transpose(1, 2), layout, dropout)  # (B, H, C*Q, D)
+    out = GatedChunkAttention.apply(q, keys, values, gates.transpose(1, 2), layout, dropout, keep_weights)  # (B, H, C*Q, D)
     return out.transpose(1, 2).reshape(bsz, -1, dim)

@@ -270,9 +270,11 @@ class RetinaAttention(nn.Module):
             args = (queries, dropout, *keys, *values)
             out = (checkpoint(read, *args, use_reentrant=False) if recompute else read(*args))[:, :length]
             return self.attn.out_proj(out)
-        # gated scales keep their softmax weights and gather again in backward by themselves (gated_chunks.py)
+        # gated scales gather again in backward by themselves (gated_chunks.py), and compute their weights again
+        # unless --no-retina-recompute keeps them
         scales = self.grid.num_scales
-        out = attend_chunks_gated(layout, heads, queries, gates[..., :scales], dropout, *keys, *values)[:, :length]
+        out = attend_chunks_gated(layout, heads, queries, gates[..., :scales], dropout, not self.recompute, *keys,
+                                  *values)[:, :length]
         if self.select:
             read = functools.partial(attend_selected, block_len=self.grid.block_lengths[-1], selectable=selectable,
                                      count=self.select, heads=heads, dropout=dropout)
