@@ -114,14 +114,15 @@ def test_gated_chunk_attention_passes_gradcheck(dropout, keep_weights):
 
     layout = RetinaLayout(32, [1, 2, 4], 4, [2, -1], 4, "cpu")  # 8 chunks of 4 queries, 3 scales
     torch.manual_seed(0)
-    q, keys, values = (torch.randn(1, 2, n, 2, dtype=torch.double, requires_grad=True) for n in (32, 56, 56))
-    gates = torch.rand(1, 2, 32, 3, dtype=torch.double, requires_grad=True)
+    queries = torch.randn(1, 32, 4, dtype=torch.double, requires_grad=True)  # 2 heads of 2 dimensions
+    gates = torch.rand(1, 32, 2, 3, dtype=torch.double, requires_grad=True)
+    keys_values = [torch.randn(1, n, 4, dtype=torch.double, requires_grad=True) for n in (32, 16, 8) * 2]
 
-    def attention(*inputs):
+    def attention(queries, gates, *keys_values):
         torch.manual_seed(1)  # the same dropout mask at every call
-        return GatedChunkAttention.apply(*inputs, layout, dropout, keep_weights)
+        return GatedChunkAttention.apply(queries, gates, layout, 2, dropout, keep_weights, *keys_values)
 
-    assert torch.autograd.gradcheck(attention, (q, keys, values, gates))
+    assert torch.autograd.gradcheck(attention, (queries, gates, *keys_values))
 
 
 def test_some_configs_need_chunk_padding():

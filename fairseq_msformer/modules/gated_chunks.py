@@ -28,6 +28,11 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(bsz, n, heads, -1).transpose(1, 2).contiguous()
 
 
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B, N, H*D): split_heads undone (gates: (B, H, N, S) -> (B, N, H*S))."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def scale_weights(q_group, k, group, dtype) -> list:
     """Each scale's softmax weights, [(B, H, n, Q, L_s)], of chunk queries (B, H, n, Q, D) over their gathered keys
     (B, H, n, L, D); the softmax computed in fp32 (fp64 for fp64 inputs) whatever `dtype`, the weights kept in it."""
@@ -37,20 +42,36 @@ def scale_weights(q_group, k, group, dtype) -> list:
 
 
 class GatedChunkAttention(torch.autograd.Function):
-    """q (B, H, C*Q, D) already scaled by 1/sqrt(D), keys/values (B, H, N, D) every scale end to end, gates
-    (B, H, C*Q, S) -> (B, H, C*Q, D). `layout` is a RetinaLayout (its groups' gather indices and masks).
-    keep_weights: keep the softmax weights for backward (fast) or compute them again there (less memory)."""
+    """queries (B, C*Q, C), gates (B, C*Q, H, S), per-scale keys then values (B, T / K_s, C) -> (B, H, C*Q, D).
+    `layout` is a RetinaLayout (its groups' gather indices and masks). keep_weights: keep the softmax weights for
+    backward (fast) or compute them again there (less memory). Saved for backward: the inputs as given (callers
+    that also save them, --retina-select's branch, then share them) and, with keep_weights, the weights."""
 
     @staticmethod
-    def forward(ctx, q, keys, values, gates, layout, dropout: float, keep_weights: bool):
-        # one dtype throughout (q's: the model's, or autocast's for the projections), and autocast off in here:
-        # backward, which autocast does not reach, must find the dtypes forward computed in
-        with torch.autocast(q.device.type, enabled=False):
-            return GatedChunkAttention.attend(ctx, q, keys.to(q.dtype), values.to(q.dtype), gates.to(q.dtype), layout,
-                                              dropout, keep_weights)
+    def forward(ctx, queries, gates, layout, heads: int, dropout: float, keep_weights: bool, *keys_values):
+        # one dtype throughout (the queries': the model's, or autocast's for the projections), and autocast off in
+        # here: backward, which autocast does not reach, must find the dtypes forward computed in
+        with torch.autocast(queries.device.type, enabled=False):
+            q, keys, values, g = GatedChunkAttention.head_major(queries, gates, heads, keys_values)
+            out, saved = GatedChunkAttention.attend(q, keys, values, g, layout, dropout, keep_weights)
+        ctx.layout, ctx.heads, ctx.dropout, ctx.keep_weights = layout, heads, dropout, keep_weights
+        ctx.save_for_backward(queries, gates, *keys_values, *saved)
+        ctx.scales = len(keys_values) // 2
+        return out
 
     @staticmethod
-    def attend(ctx, q, keys, values, gates, layout, dropout, keep_weights):
+    def head_major(queries, gates, heads, keys_values):
+        """-> q (B, H, C*Q, D) scaled by 1/sqrt(D), keys and values (B, H, N, D) every scale end to end, gates
+        (B, H, C*Q, S); one dtype (the queries')."""
+        scales, dtype = len(keys_values) // 2, queries.dtype
+        keys = split_heads(torch.cat(keys_values[:scales], dim=1).to(dtype), heads)  # (B, H, sum_s T / K_s, D)
+        values = split_heads(torch.cat(keys_values[scales:], dim=1).to(dtype), heads)
+        q = split_heads(queries * (queries.size(-1) // heads) ** -0.5, heads)
+        return q, keys, values, gates.to(dtype).transpose(1, 2)
+
+    @staticmethod
+    def attend(q, keys, values, gates, layout, dropout, keep_weights):
+        """Head-major forward -> (out (B, H, C*Q, D), what backward needs besides the inputs)."""
         bsz, heads, _, dim = q.shape
         q_len, outputs, saved, start = layout.chunk, [], [], 0
         for group in layout.groups:
@@ -69,13 +90,24 @@ class GatedChunkAttention(torch.autograd.Function):
                 saved += ([weights] if keep_weights else []) + ([kept] if kept is not None else [])
             outputs.append(out.view(bsz, heads, n * q_len, dim))
             start += n * q_len
-        ctx.layout, ctx.dropout, ctx.keep_weights = layout, dropout, keep_weights
-        ctx.save_for_backward(q, keys, values, gates, *saved)
-        return torch.cat(outputs, dim=2)
+        return torch.cat(outputs, dim=2), saved
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, keys, values, gates, *saved = ctx.saved_tensors
+        queries, gates, *rest = ctx.saved_tensors
+        keys_values, saved = rest[: 2 * ctx.scales], rest[2 * ctx.scales :]
+        with torch.autocast(queries.device.type, enabled=False):
+            q, keys, values, g = GatedChunkAttention.head_major(queries, gates, ctx.heads, keys_values)
+            grads = GatedChunkAttention.gradients(grad_out, q, keys, values, g, saved, ctx)
+        grad_q, grad_keys, grad_values, grad_gates = (merge_heads(x) for x in grads)  # (B, N, C) / (B, C*Q, H, S)
+        sizes = [x.size(1) for x in keys_values[: ctx.scales]]
+        # autograd casts each gradient to its input's dtype
+        return (grad_q * (queries.size(-1) // ctx.heads) ** -0.5, grad_gates.view_as(gates), None, None, None, None,
+                *grad_keys.split(sizes, dim=1), *grad_values.split(sizes, dim=1))
+
+    @staticmethod
+    def gradients(grad_out, q, keys, values, gates, saved, ctx):
+        """Head-major backward -> gradients of q, keys, values, gates (each as its head-major input)."""
         layout, dropout = ctx.layout, ctx.dropout
         bsz, heads, _, dim = q.shape
         grad_q, grad_gates = torch.zeros_like(q), torch.zeros_like(gates)
@@ -108,7 +140,7 @@ class GatedChunkAttention(torch.autograd.Function):
             grad_values.index_add_(2, index, torch.cat(d_v, dim=3).flatten(2, 3))
             grad_gates[:, :, rows] = (torch.cat(d_g, dim=-1) * group.present).view(bsz, heads, n * q_len, -1)
             start += n * q_len
-        return grad_q, grad_keys, grad_values, grad_gates, None, None, None  # autograd casts each to its input's dtype
+        return grad_q, grad_keys, grad_values, grad_gates
 
 
 def attend_chunks_gated(layout, heads, queries, gates, dropout, keep_weights, *keys_values):
@@ -116,10 +148,5 @@ def attend_chunks_gated(layout, heads, queries, gates, dropout, keep_weights, *k
 
     `keys_values` are the per-scale keys (B, T / K_s, C) followed by the per-scale values; keep_weights: see
     GatedChunkAttention."""
-    scales = len(keys_values) // 2
-    bsz, _, dim = queries.shape
-    keys = split_heads(torch.cat(keys_values[:scales], dim=1), heads)  # (B, H, sum_s T / K_s, D)
-    values = split_heads(torch.cat(keys_values[scales:], dim=1), heads)
-    q = split_heads(queries * (dim // heads) ** -0.5, heads)  # (B, H, C*Q, D), scaled once
-    out = GatedChunkAttention.apply(q, keys, values, gates.transpose(1, 2), layout, dropout, keep_weights)  # (B, H, C*Q, D)
-    return out.transpose(1, 2).reshape(bsz, -1, dim)
+    out = GatedChunkAttention.apply(queries, gates, layout, heads, dropout, keep_weights, *keys_values)
+    return merge_heads(out)  # (B, H, C*Q, D) -> (B, C*Q, C)
