@@ -5,7 +5,7 @@ Each query reads every scale s through its own softmax and mixes the scales' out
     out = sum_s g_s * P_s @ V_s,    P_s = softmax(Q K_s^T / sqrt(D)) over the keys of s it may read
 
 Query chunks gather the keys they read (``ChunkGroup.flat_index``), so a chunk's gathered keys and values are
-copies, about (W + Q + blocks) / Q times the size of the originals (~6x at W = 64, Q = 32). Plain autograd would
+copies, about (W + Q + blocks) / Q times the size of the originals (~4x at W = Q = 64). Plain autograd would
 keep those copies for backward; checkpointing the whole attention instead costs a second forward pass, and its
 autograd bookkeeping, in backward. This Function keeps only the un-gathered queries, keys, values and gates and
 gathers again in backward (an index_select, cheap). The softmax weights P_s (H * L numbers per query) are computed
