@@ -9,8 +9,8 @@ copies, about (W + Q + blocks) / Q times the size of the originals (~4x at W = Q
 keep those copies for backward; checkpointing the whole attention instead costs a second forward pass, and its
 autograd bookkeeping, in backward. This Function keeps only the un-gathered queries, keys, values and gates and
 gathers again in backward (an index_select, cheap). The softmax weights P_s (H * L numbers per query) are computed
-again there too (one matmul and the softmaxes: the default, --retina-gate's memory), or kept from forward
-(``keep_weights``, --no-retina-recompute: about 1.2x the layer's memory, no second pass at all).
+again there too (one matmul and the softmaxes; the default: the memory of checkpointing, most of its speed back),
+or kept from forward (``keep_weights``, --no-retina-recompute: ~1.1x the model's activation memory, ~5% faster).
 
 Backward, per scale s (O_s = P_s V_s is recomputed, one matmul, rather than kept):
     dg_s = rowsum(dOut * O_s)              dV_s = P_s^T (g_s dOut)            dP_s = (g_s dOut) V_s^T
@@ -21,16 +21,15 @@ memory that the batched matmuls read directly, and one mask (n, Q, L) broadcasts
 """
 import torch
 
+from .attention import MultiScaleAttention
+
+merge_heads = MultiScaleAttention.merge_heads  # (B, H, N, D) -> (B, N, H*D), split_heads undone
+
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, C) -> (B, H, N, D), contiguous (one copy)."""
     bsz, n, _ = x.shape
     return x.view(bsz, n, heads, -1).transpose(1, 2).contiguous()
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) -> (B, N, H*D): split_heads undone (gates: (B, H, N, S) -> (B, N, H*S))."""
-    return x.transpose(1, 2).flatten(2)
 
 
 def scale_weights(q_group, k, group, dtype) -> list:
