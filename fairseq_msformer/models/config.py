@@ -82,7 +82,7 @@ class MsformerLMConfig(FairseqDataclass):
         metadata={"help": "retina only: keep for backward what training otherwise computes again there: each "
                           "query chunk's gathered keys/values and attention (one softmax: faster, ~2x the attention's "
                           "activation memory), or with --retina-gate the scales' softmax weights (gathered keys are "
-                          "gathered again either way: ~1.2x)"},
+                          "gathered again either way: ~1.1x the model's)"},
     )
     # --- layer sizes ---
     decoder_embed_dim: int = field(default=512, metadata={"help": "model width at every scale"})

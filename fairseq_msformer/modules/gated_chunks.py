@@ -34,7 +34,7 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def scale_weights(q_group, k, group, dtype) -> list:
     """Each scale's softmax weights, [(B, H, n, Q, L_s)], of chunk queries (B, H, n, Q, D) over their gathered keys
-    (B, H, n, L, D); the softmax computed in fp32 (fp64 for fp64 inputs) whatever `dtype`, the weights kept in it."""
+    (B, H, n, L, D); the softmax computed in fp32 (fp64 for fp64 inputs), the weights returned in `dtype`."""
     exact = torch.promote_types(dtype, torch.float32)
     scores = (q_group @ k.transpose(-1, -2)).masked_fill_(group.opened_hidden, float("-inf"))  # (B, H, n, Q, L)
     return [torch.softmax(part, dim=-1, dtype=exact).to(dtype) for part in scores.split(group.widths, dim=-1)]
@@ -83,7 +83,8 @@ class GatedChunkAttention(torch.autograd.Function):
             for s, (weights, v_s) in enumerate(zip(scale_weights(q_group, k, group, q.dtype),
                                                    v.split(group.widths, dim=3))):
                 # attention dropout: the kept mask is saved (one byte per weight) whether or not the weights are
-                kept = torch.rand_like(weights) >= dropout if dropout > 0 else None
+                # drawn in fp32: bf16 random numbers are coarse enough to keep 0.898 at p = 0.1
+                kept = torch.rand(weights.shape, device=weights.device) >= dropout if dropout > 0 else None
                 mixed = weights * kept / (1 - dropout) if kept is not None else weights
                 out += (mixed @ v_s) * g[..., s : s + 1]  # (B, H, n, Q, D)
                 saved += ([weights] if keep_weights else []) + ([kept] if kept is not None else [])
@@ -98,7 +99,7 @@ class GatedChunkAttention(torch.autograd.Function):
         with torch.autocast(queries.device.type, enabled=False):
             q, keys, values, g = GatedChunkAttention.head_major(queries, gates, ctx.heads, keys_values)
             grads = GatedChunkAttention.gradients(grad_out, q, keys, values, g, saved, ctx)
-        grad_q, grad_keys, grad_values, grad_gates = (merge_heads(x) for x in grads)  # (B, N, C) / (B, C*Q, H, S)
+        grad_q, grad_keys, grad_values, grad_gates = (merge_heads(x) for x in grads)  # (B, N, C); gates (B, C*Q, H*S)
         sizes = [x.size(1) for x in keys_values[: ctx.scales]]
         # autograd casts each gradient to its input's dtype
         return (grad_q * (queries.size(-1) // ctx.heads) ** -0.5, grad_gates.view_as(gates), None, None, None, None,

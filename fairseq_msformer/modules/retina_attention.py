@@ -10,7 +10,8 @@ block-aligned spans, newest first (``retina_bounds``):
 so every position is read once, at one resolution, and only complete blocks are read (the causality rule).
 
 Blockwise: queries are cut into chunks of Q; each chunk gathers the few keys its queries can read (a fixed
-count L per chunk, about W + Q + sum_s (n_s + Q / K_s)) and runs one masked SDPA over (Q, L). Memory and
+count L per chunk, about W + Q + sum_s (n_s + Q / K_s)) and runs one masked SDPA over (Q, L) (gated scales:
+matmuls and a softmax per scale, gated_chunks.py). Memory and
 compute per query grow like W + T / K_{S-1} (or stay constant with a bounded last scale), never like T.
 
 Gated scales (--retina-gate, NSA's gated branches, Yuan et al. 2025): each scale gets its own softmax, and the
@@ -268,19 +269,20 @@ class RetinaAttention(nn.Module):
         recompute = self.recompute and torch.is_grad_enabled()
         if self.gate is None:
             read = functools.partial(attend_chunks, layout, heads)
-            args = (queries, dropout, *keys, *values)
-            out = (checkpoint(read, *args, use_reentrant=False) if recompute else read(*args))[:, :length]
+            inputs = (queries, dropout, *keys, *values)
+            out = (checkpoint(read, *inputs, use_reentrant=False) if recompute else read(*inputs))[:, :length]
             return self.attn.out_proj(out)
         # gated scales gather again in backward by themselves (gated_chunks.py), and compute their weights again
         # unless --no-retina-recompute keeps them
         scales = self.grid.num_scales
-        out = attend_chunks_gated(layout, heads, queries, gates[..., :scales], dropout, not self.recompute, *keys,
+        keep_weights = not self.recompute and torch.is_grad_enabled()  # nothing to keep them for at evaluation
+        out = attend_chunks_gated(layout, heads, queries, gates[..., :scales], dropout, keep_weights, *keys,
                                   *values)[:, :length]
         if self.select:
             read = functools.partial(attend_selected, block_len=self.grid.block_lengths[-1], selectable=selectable,
                                      count=self.select, heads=heads, dropout=dropout)
-            args = (queries[:, :length], gates[:, :length, :, -1:], keys[0], values[0], keys[-1])
-            out = out + (checkpoint(read, *args, use_reentrant=False) if recompute else read(*args))
+            inputs = (queries[:, :length], gates[:, :length, :, -1:], keys[0], values[0], keys[-1])
+            out = out + (checkpoint(read, *inputs, use_reentrant=False) if recompute else read(*inputs))
         return self.attn.out_proj(out)
 
     def selectable(self, length: int, device) -> torch.Tensor:
