@@ -40,6 +40,23 @@ def scale_weights(q_group, k, group, dtype) -> list:
     return [torch.softmax(part, dim=-1, dtype=exact).to(dtype) for part in scores.split(group.widths, dim=-1)]
 
 
+def chunk_groups(layout, q, keys, values, gates):
+    """Per chunk group of `layout`, what forward and backward both read: (group, rows, index, q_group, k, v, g) with
+    rows the group's query rows, index (n*L,) its gather index, q_group (B, H, n, Q, D), its gathered keys and values
+    k, v (B, H, n, L, D) and g (B, H, n, Q, S) the gates, zero for a scale a query reads nothing of."""
+    bsz, heads, _, dim = q.shape
+    start = 0
+    for group in layout.groups:
+        n, index = group.chunks, group.flat_index.flatten()
+        rows = slice(start, start + n * layout.chunk)
+        k = keys.index_select(2, index).view(bsz, heads, n, -1, dim)
+        v = values.index_select(2, index).view(bsz, heads, n, -1, dim)
+        q_group = q[:, :, rows].view(bsz, heads, n, layout.chunk, dim)
+        g = gates[:, :, rows].reshape(bsz, heads, n, layout.chunk, -1) * group.present
+        yield group, rows, index, q_group, k, v, g
+        start = rows.stop
+
+
 class GatedChunkAttention(torch.autograd.Function):
     """queries (B, C*Q, C), gates (B, C*Q, H, S), per-scale keys then values (B, T / K_s, C) -> (B, H, C*Q, D).
     `layout` is a RetinaLayout (its groups' gather indices and masks). keep_weights: keep the softmax weights for
@@ -71,25 +88,18 @@ class GatedChunkAttention(torch.autograd.Function):
     @staticmethod
     def attend(q, keys, values, gates, layout, dropout, keep_weights):
         """Head-major forward -> (out (B, H, C*Q, D), what backward needs besides the inputs)."""
-        bsz, heads, _, dim = q.shape
-        q_len, outputs, saved, start = layout.chunk, [], [], 0
-        for group in layout.groups:
-            n, index = group.chunks, group.flat_index.flatten()  # (n*L,)
-            k = keys.index_select(2, index).view(bsz, heads, n, -1, dim)  # (B, H, n, L, D)
-            v = values.index_select(2, index).view(bsz, heads, n, -1, dim)
-            q_group = q[:, :, start : start + n * q_len].view(bsz, heads, n, q_len, dim)  # (B, H, n, Q, D)
-            g = gates[:, :, start : start + n * q_len].reshape(bsz, heads, n, q_len, -1) * group.present  # (..,Q,S)
-            out = q_group.new_zeros(q_group.shape)
+        outputs, saved = [], []
+        for group, _, _, q_group, k, v, g in chunk_groups(layout, q, keys, values, gates):
+            out = q_group.new_zeros(q_group.shape)  # (B, H, n, Q, D)
             for s, (weights, v_s) in enumerate(zip(scale_weights(q_group, k, group, q.dtype),
                                                    v.split(group.widths, dim=3))):
-                # attention dropout: the kept mask is saved (one byte per weight) whether or not the weights are
-                # drawn in fp32: bf16 random numbers are coarse enough to keep 0.898 at p = 0.1
+                # attention dropout: the kept mask is saved (one byte per weight) whether or not the weights are;
+                # drawn in fp32 (bf16 random numbers are coarse enough to keep 0.898 at p = 0.1)
                 kept = torch.rand(weights.shape, device=weights.device) >= dropout if dropout > 0 else None
                 mixed = weights * kept / (1 - dropout) if kept is not None else weights
                 out += (mixed @ v_s) * g[..., s : s + 1]  # (B, H, n, Q, D)
                 saved += ([weights] if keep_weights else []) + ([kept] if kept is not None else [])
-            outputs.append(out.view(bsz, heads, n * q_len, dim))
-            start += n * q_len
+            outputs.append(out.flatten(2, 3))  # (B, H, n*Q, D)
         return torch.cat(outputs, dim=2), saved
 
     @staticmethod
@@ -108,19 +118,12 @@ class GatedChunkAttention(torch.autograd.Function):
     @staticmethod
     def gradients(grad_out, q, keys, values, gates, saved, ctx):
         """Head-major backward -> gradients of q, keys, values, gates (each as its head-major input)."""
-        layout, dropout = ctx.layout, ctx.dropout
-        bsz, heads, _, dim = q.shape
+        dropout = ctx.dropout
         grad_q, grad_gates = torch.zeros_like(q), torch.zeros_like(gates)
         grad_keys, grad_values = torch.zeros_like(keys), torch.zeros_like(values)
-        saved, q_len, start = iter(saved), layout.chunk, 0
-        for group in layout.groups:
-            n, index = group.chunks, group.flat_index.flatten()
-            rows = slice(start, start + n * q_len)
-            k = keys.index_select(2, index).view(bsz, heads, n, -1, dim)  # gathered again: (B, H, n, L, D)
-            v = values.index_select(2, index).view(bsz, heads, n, -1, dim)
-            q_group = q[:, :, rows].view(bsz, heads, n, q_len, dim)
-            d_out = grad_out[:, :, rows].reshape(bsz, heads, n, q_len, dim)
-            g = gates[:, :, rows].reshape(bsz, heads, n, q_len, -1) * group.present  # (B, H, n, Q, S)
+        saved = iter(saved)
+        for group, rows, index, q_group, k, v, g in chunk_groups(ctx.layout, q, keys, values, gates):  # gathered again
+            d_out = grad_out[:, :, rows].reshape(q_group.shape)  # (B, H, n, Q, D)
             recomputed = None if ctx.keep_weights else iter(scale_weights(q_group, k, group, q.dtype))
             d_g, d_scores, d_v = [], [], []
             for s, v_s in enumerate(v.split(group.widths, dim=3)):
@@ -135,11 +138,10 @@ class GatedChunkAttention(torch.autograd.Function):
                     d_weights = d_weights * kept / (1 - dropout)
                 d_scores.append(weights * (d_weights - (d_weights * weights).sum(-1, keepdim=True)))
             d_scores = torch.cat(d_scores, dim=-1)  # (B, H, n, Q, L)
-            grad_q[:, :, rows] = (d_scores @ k).view(bsz, heads, n * q_len, dim)
+            grad_q[:, :, rows] = (d_scores @ k).flatten(2, 3)
             grad_keys.index_add_(2, index, (d_scores.transpose(-1, -2) @ q_group).flatten(2, 3))
             grad_values.index_add_(2, index, torch.cat(d_v, dim=3).flatten(2, 3))
-            grad_gates[:, :, rows] = (torch.cat(d_g, dim=-1) * group.present).view(bsz, heads, n * q_len, -1)
-            start += n * q_len
+            grad_gates[:, :, rows] = (torch.cat(d_g, dim=-1) * group.present).flatten(2, 3)
         return grad_q, grad_keys, grad_values, grad_gates
 
 
