@@ -130,10 +130,11 @@ class GatedChunkAttention(torch.autograd.Function):
                 weights = next(saved) if recomputed is None else next(recomputed)  # (B, H, n, Q, L_s)
                 kept = next(saved) if dropout > 0 else None
                 mixed = weights * kept / (1 - dropout) if kept is not None else weights
-                d_g.append(((mixed @ v_s) * d_out).sum(-1, keepdim=True))  # (B, H, n, Q, 1)
-                d_read = d_out * g[..., s : s + 1]  # the gradient reaching P_s V_s
-                d_v.append(mixed.transpose(-1, -2) @ d_read)  # (B, H, n, L_s, D)
-                d_weights = d_read @ v_s.transpose(-1, -2)  # (B, H, n, Q, L_s)
+                d_mixed = d_out @ v_s.transpose(-1, -2)  # (B, H, n, Q, L_s): dOut V_s^T, before the gate
+                # dg_s = rowsum(dOut * P_s V_s) = rowsum(P_s * dOut V_s^T): no second P_s V_s matmul
+                d_g.append((mixed * d_mixed).sum(-1, keepdim=True))  # (B, H, n, Q, 1)
+                d_v.append(mixed.transpose(-1, -2) @ (d_out * g[..., s : s + 1]))  # (B, H, n, L_s, D)
+                d_weights = d_mixed * g[..., s : s + 1]  # (B, H, n, Q, L_s)
                 if kept is not None:
                     d_weights = d_weights * kept / (1 - dropout)
                 d_scores.append(weights * (d_weights - (d_weights * weights).sum(-1, keepdim=True)))

@@ -146,6 +146,9 @@ BUGS = [
         "--retina-gate: a gate of a scale the query reads nothing of gets a gradient from the opened softmax"),
     Bug("gated_backward_dropout_unscaled", "modules/gated_chunks.py", "d_weights = d_weights * kept / (1 - dropout)",
         "d_weights = d_weights * kept", "--retina-gate with attention dropout: the backward forgets the 1 / (1 - p)"),
+    Bug("gated_backward_gate_grad_undropped", "modules/gated_chunks.py",
+        "d_g.append((mixed * d_mixed).sum(-1, keepdim=True))", "d_g.append((weights * d_mixed).sum(-1, keepdim=True))",
+        "--retina-gate with attention dropout: the gates' gradient reads the weights before dropout"),
     Bug("scale_positions_kept", "modules/positions.py", 'if getattr(args, "no_scale_positions", False):',
         "if False:", "--no-scale-positions is accepted but the coarse scales keep their position vectors"),
     # --- a mixed-precision invariant broken while the output stays close to fp32
