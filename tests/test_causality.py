@@ -170,6 +170,22 @@ def test_no_future_leakage_with_gated_scales(config, extra):
     assert_no_leak(model.eval(), dictionary, length=41)
 
 
+# bucketed windows (--retina-bucketed-window): the window starts a bucket before the query's own; the configs whose
+# windows are multiples of the first pooling factor (the rule), gated or not, with selected blocks on one
+BUCKET_CASES = [pytest.param(c, {"retina_gate": i % 2 == 1, "retina_select": 2 if i == 3 else 0,
+                                 "rotary_positions": i % 2 == 0}, id=case_id("retina", c) + "-bucketed")
+                for i, c in enumerate(c for c in RETINA if all(int(w.split(",")[0]) % int(c[0].split(",")[0]) == 0
+                                                               for w in c[1].split(";")))]
+
+
+@pytest.mark.parametrize("config,extra", BUCKET_CASES)
+def test_no_future_leakage_with_bucketed_windows(config, extra):
+    model, dictionary = retina_model(*config, retina_bucketed_window=True, **extra, **DROPOUT)
+    assert all(layer.attn.bucketed for layer in model.decoder.body.layers)
+    assert_no_leak(model.train(), dictionary, length=41)
+    assert_no_leak(model.eval(), dictionary, length=41)
+
+
 # selected blocks (--retina-select): a query picks among blocks that end before its window, by scores of its own
 # query; every retina config, with 1 or 3 blocks picked, rotary positions on every other one
 SELECT_CASES = [pytest.param(c, {"rotary_positions": i % 2 == 0, "retina_select": 1 + 2 * (i % 2)},

@@ -85,6 +85,8 @@ CHECKS = [
     (dict(arch="msformer_lm_retina", shift_rule="hourglass"), "--shift-rule: retina reads complete blocks only"),
     (dict(arch="msformer_lm_retina", retina_select=2), "--retina-select: the selected blocks are a gated branch"),
     (dict(arch="msformer_lm_retina", retina_select=-1, retina_gate=True), "--retina-select: must be >= 0"),
+    (dict(arch="msformer_lm_retina", pool_factors="4,4", retina_windows="6,22,-1", retina_bucketed_window=True),
+     "--retina-bucketed-window: window 6 is not a multiple of the first pooling factor (4)"),
     (dict(arch="msformer_lm_retina", token_layers=2, retina_windows="8,24,-1;8,24,-1;8,24,-1"),
      "--retina-windows: give one group of windows for all layers or one per layer (2), got 3"),
     (dict(arch="msformer_lm_retina", retina_windows="8,24"), "--retina-windows: '8,24' needs one window per scale"),

@@ -57,6 +57,14 @@ CONFIGS.update({name + "-gate": (arch, dict(options, retina_gate=True)) for name
 CONFIGS.update({name + "-select": (arch, dict(options, retina_select=2)) for name, (arch, options) in list(CONFIGS.items())
                 if name.endswith("-gate")})
 
+# bucketed windows (--retina-bucketed-window): the cache drops tokens a bucket at a time
+CONFIGS.update({
+    "retina-4,4-bucketed-gate": ("msformer_lm_retina", dict(pool_factors="4,4", retina_windows="8,24,-1",
+                                                             retina_bucketed_window=True, retina_gate=True)),
+    "retina-2,2-bucketed-bounded": ("msformer_lm_retina", dict(pool_factors="2,2", retina_windows="4,8,16",
+                                                                retina_bucketed_window=True, rotary_positions=True)),
+})
+
 # no position vectors at the coarse scales (--no-scale-positions), with rotary positions placing the blocks
 CONFIGS.update({name + "-no-scale-pos": (arch, dict(options, no_scale_positions=True))
                 for name, (arch, options) in list(CONFIGS.items())

@@ -312,6 +312,22 @@ def check_retina_windows():
                 assert sorted(map(tuple, keys)) == sorted(map(tuple, planned)), f"{windows}: layer {i}, query {t}"
 
 
+@case("retina_bucketed_window", False, True)
+def check_retina_bucketed_window():
+    """Reads measured by gradients: query t reads its tokens from the start of the 4-token bucket before its own
+    (4 + 1 .. 8 tokens, local-attention's look-back), and older positions as the blocks the plan names; without
+    the option, its last 4 .. 5 tokens (the window's start on a 2-token block)."""
+    for bucketed in (False, True):
+        layer = build("retina", retina_bucketed_window=bucketed).decoder.body.layers[0].attn
+        window, blocks = RETINA_LAYERS["4,8,-1"]
+        for t, keys in enumerate(measured_reads(layer, 24)):
+            start = max(0, t - t % 4 - 4) if bucketed else max(0, (t - 3) // 2 * 2)
+            assert [k for k in keys if len(k) == 1 and k[0] >= start] == [range(u, u + 1) for u in range(start, t + 1)]
+            planned = [tokens for _, tokens in plan_keys(reading_plan(t, [1, 2, 4], window, blocks, bucketed),
+                                                         [1, 2, 4])]
+            assert sorted(map(tuple, keys)) == sorted(map(tuple, planned)), f"bucketed={bucketed}, query {t}"
+
+
 @case("retina_gate", False, True)
 def check_retina_gate():
     """Each scale gets its own softmax: with every gate held at 1, a query that reads one scale only (positions
@@ -773,7 +789,8 @@ def test_family_only_option_leaves_the_other_families_unchanged(option, family):
 
 def test_family_only_options_are_found():
     assert {o for o, _ in ONLY} == {"token_layers_before_pooling", "bottom_up_combine", "top_down_combine",
-                                    "retina_windows", "retina_gate", "retina_select", "no_retina_recompute"}
+                                    "retina_windows", "retina_bucketed_window", "retina_gate", "retina_select",
+                                    "no_retina_recompute"}
 
 
 # ---------------------------------------------------------------- the plumbing in front of build_model

@@ -9,22 +9,28 @@ from fairseq_msformer.modules import ScaleGrid
 from fairseq_msformer.modules.retina_attention import RetinaAttention
 
 
-def make_attention(factors, window, blocks, pool_type="mean", gate=False):
+def make_attention(factors, window, blocks, pool_type="mean", gate=False, bucketed=False):
     torch.manual_seed(0)
     args = argparse.Namespace(decoder_embed_dim=16, decoder_attention_heads=2, attention_dropout=0.0,
                               pool_type=pool_type, max_target_positions=256, decoder_learned_pos=True,
-                              retina_gate=gate)
+                              retina_gate=gate, retina_bucketed_window=bucketed)
     return RetinaAttention(args, ScaleGrid(factors), window, blocks).eval()
 
 
-def reading_plan(t, block_lengths, window, blocks):
+def reading_plan(t, block_lengths, window, blocks, bucketed=False):
     """What query t reads, written from design.md §3 (independently of retina_bounds): [(scale, first, end)].
 
     Tokens: the last `window` at full resolution, the window's start moved back to a K_1 boundary so that all
-    older positions fall in whole blocks. Scale s: n_s whole blocks older than what finer scales read, then further
-    back to a K_{s+1} boundary (so scale s + 1 starts on one of its own blocks); n = -1 on the last scale: all older.
+    older positions fall in whole blocks (bucketed: everything from the start of the `window`-token bucket before
+    t's own, as local-attention's look-back). Scale s: n_s whole blocks older than what finer scales read, then
+    further back to a K_{s+1} boundary (so scale s + 1 starts on one of its own blocks); n = -1 on the last scale:
+    all older.
     """
-    start = max(0, (t - window + 1) // block_lengths[1] * block_lengths[1])
+    if bucketed:
+        own_bucket = t - t % window
+        start = max(0, own_bucket - window)
+    else:
+        start = max(0, (t - window + 1) // block_lengths[1] * block_lengths[1])
     spans = [(0, start, t + 1)]
     for s in range(1, len(block_lengths)):
         n = blocks[s - 1]
@@ -53,7 +59,7 @@ def reference(attn, x):
     outputs = []
     for t in range(x.size(1)):
         keys, values, scale_of = [], [], []
-        for s, tokens in plan_keys(reading_plan(t, lengths, attn.window, attn.blocks), lengths):
+        for s, tokens in plan_keys(reading_plan(t, lengths, attn.window, attn.blocks, attn.bucketed), lengths):
             k, v = k_tok[:, tokens].mean(1), v_tok[:, tokens].mean(1)  # (B, C)
             if s > 0:
                 k = k + attn.key_positions[s - 1].weight[tokens[0] // lengths[s]]
@@ -81,18 +87,26 @@ CONFIGS = [  # (factors, window, blocks, length); lengths marked * are not a mul
 ]
 
 
-@pytest.mark.parametrize("factors,window,blocks,length", CONFIGS)
-def test_blockwise_retina_equals_reference(factors, window, blocks, length):
-    attn = make_attention(factors, window, blocks)
+# --retina-bucketed-window: windows that are multiples of K_1 (query chunks of W: the buckets), the last one with
+# a padded chunk (64 = 40 + 24)
+BUCKETED = [([4], 8, [-1], 64), ([4, 4], 16, [3, -1], 96), ([2, 2], 6, [2, 4], 48), ([3, 2], 6, [4, -1], 60),
+            ([4, 4], 40, [5, -1], 64)]
+REFERENCE_CASES = [(*c, False) for c in CONFIGS] + [(*c, True) for c in BUCKETED]
+
+
+@pytest.mark.parametrize("factors,window,blocks,length,bucketed", REFERENCE_CASES)
+def test_blockwise_retina_equals_reference(factors, window, blocks, length, bucketed):
+    attn = make_attention(factors, window, blocks, bucketed=bucketed)
     x = torch.randn(2, length, 16)
     torch.testing.assert_close(attn.self_attention(x), reference(attn, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("factors,window,blocks,length", CONFIGS[:3] + CONFIGS[6:8])
-def test_gated_retina_and_its_gradients_equal_reference(factors, window, blocks, length):
+@pytest.mark.parametrize("factors,window,blocks,length,bucketed", REFERENCE_CASES[:3] + REFERENCE_CASES[6:8]
+                         + REFERENCE_CASES[-2:])
+def test_gated_retina_and_its_gradients_equal_reference(factors, window, blocks, length, bucketed):
     """--retina-gate: blockwise, with its hand-written backward (gated_chunks.py), equals the dense reference in
     output and in the gradients of the input and of every parameter."""
-    attn = make_attention(factors, window, blocks, gate=True).train()
+    attn = make_attention(factors, window, blocks, gate=True, bucketed=bucketed).train()
     x = torch.randn(2, length, 16, requires_grad=True)
     params = [p for p in attn.parameters() if p.requires_grad]
     got, want = attn.self_attention(x), reference(attn, x)

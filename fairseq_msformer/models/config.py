@@ -65,6 +65,13 @@ class MsformerLMConfig(FairseqDataclass):
                           "the last value reads all older blocks. One group for all layers, or one group per "
                           "layer separated by ';' (e.g. '32,128,-1;32,128,-1;128,512,-1;128,512,-1')"},
     )
+    retina_bucketed_window: bool = field(
+        default=False,
+        metadata={"help": "retina only: the full-resolution window starts one W-token bucket before the query's "
+                          "own (W = the first --retina-windows value, a multiple of the first pooling factor), as in "
+                          "local-attention with one bucket of look-back: a query reads its last W+1 .. 2W tokens "
+                          "(instead of W .. W+K_1-1) and every query of a bucket reads the same older blocks"},
+    )
     retina_gate: bool = field(
         default=False,
         metadata={"help": "retina only: read each scale with its own softmax and mix the scales' outputs with "
@@ -210,6 +217,11 @@ def retina_plan(args, factors: List[int], tokens_per_sample: int) -> List[Tuple[
                     f"less than one of its {block_lengths[s]}-token blocks"
                 )
             blocks.append(-(-span // block_lengths[s]))
+        if getattr(args, "retina_bucketed_window", False) and horizons[0] % block_lengths[1]:
+            raise MsformerConfigError(
+                f"--retina-bucketed-window: window {horizons[0]} is not a multiple of the first pooling factor "
+                f"({block_lengths[1]}): the buckets must end on block boundaries"
+            )
         layers.append((horizons[0], blocks))
     return layers * args.token_layers if len(groups) == 1 else layers
 

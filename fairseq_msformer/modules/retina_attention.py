@@ -4,10 +4,14 @@ For a query at position t and scales s = 1 .. S-1 with block lengths K_s, the pa
 block-aligned spans, newest first (``retina_bounds``):
 
     scale 0 (tokens):  [b_0, t]           b_0 = floor((t - W + 1) / K_1) * K_1          (W .. W + K_1 - 1 tokens)
+                                          bucketed: b_0 = (floor(t / W) - 1) * W        (W + 1 .. 2W tokens)
     scale s (blocks):  [b_s, b_{s-1})     b_s = floor((b_{s-1} - n_s K_s) / K_{s+1}) * K_{s+1}   (n_s .. blocks)
     last scale:        [b_{S-1}, b_{S-2})  n_{S-1} blocks, or everything older when n_{S-1} = -1
 
 so every position is read once, at one resolution, and only complete blocks are read (the causality rule).
+Bucketed (--retina-bucketed-window): the window starts one W-token bucket before the query's own, as in
+local-attention with one bucket of look-back, so retina reads what local-attention reads plus the older blocks, and
+every query of a bucket reads the same blocks (a query chunk of W gathers no block it does not use).
 
 Blockwise: queries are cut into chunks of Q; each chunk gathers the few keys its queries can read (a fixed
 count L per chunk, about W + Q + sum_s (n_s + Q / K_s)) and runs one masked SDPA over (Q, L) (gated scales:
@@ -38,16 +42,18 @@ from .pooling import BlockPool
 from .positions import coarse_scale_positions, rotary_fraction
 
 
-def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int]) -> list:
+def retina_bounds(t, block_lengths: List[int], window: int, blocks: List[int], bucketed: bool = False) -> list:
     """[b_0(t), b_1(t), ..., b_{S-1}(t)]: scale s reads the span [b_s, b_{s-1}) (scale 0: [b_0, t]).
 
     `t` is a tensor of positions (the blockwise pass) or one int (a decoding step: plain Python, no tensor ops).
+    bucketed: the window starts at the bucket before t's (W-token buckets; W a multiple of K_1).
     """
     def at_least_zero(x):
         return x.clamp(min=0) if torch.is_tensor(x) else max(x, 0)
 
     k = block_lengths
-    bounds = [at_least_zero((t - window + 1) // k[1] * k[1])]
+    start = (t // window - 1) * window if bucketed else (t - window + 1) // k[1] * k[1]
+    bounds = [at_least_zero(start)]
     for s in range(1, len(k)):
         if blocks[s - 1] < 0:  # unbounded last scale: everything older
             bounds.append(t * 0)
@@ -112,11 +118,11 @@ class RetinaLayout:
 
     GROUPS = 4
 
-    def __init__(self, length: int, block_lengths, window: int, blocks, chunk: int, device):
+    def __init__(self, length: int, block_lengths, window: int, blocks, chunk: int, device, bucketed=False):
         self.chunk = chunk
         self.num_chunks = -(-length // chunk)
         t = torch.arange(self.num_chunks * chunk, device=device)  # (C*Q,) query positions, padded to chunks
-        bounds = retina_bounds(t, block_lengths, window, blocks)
+        bounds = retina_bounds(t, block_lengths, window, blocks, bucketed)
         per_group = -(-self.num_chunks // min(self.GROUPS, self.num_chunks))
         self.groups = []
         for c0 in range(0, self.num_chunks, per_group):
@@ -188,26 +194,27 @@ def attend_selected(queries, gate, token_keys, token_values, block_keys, block_l
     return out.transpose(1, 2).reshape(bsz, n, dim)
 
 
-def selectable_blocks(t: torch.Tensor, num_blocks: int, block_lengths, window: int, blocks) -> torch.Tensor:
+def selectable_blocks(t: torch.Tensor, num_blocks: int, block_lengths, window: int, blocks,
+                      bucketed: bool = False) -> torch.Tensor:
     """(N, nb) bool for queries at positions t (N,): query t may select block j of the coarsest scale iff the block
     lies wholly before its window (complete, so leak-free, and not already read at full resolution):
     (j + 1) * K <= b_0(t). The full pass and a decoding step both ask this."""
-    window_start = retina_bounds(t, list(block_lengths), window, list(blocks))[0]  # (N,)
+    window_start = retina_bounds(t, list(block_lengths), window, list(blocks), bucketed)[0]  # (N,)
     ends = (torch.arange(num_blocks, device=t.device) + 1) * block_lengths[-1]  # (nb,)
     return ends.unsqueeze(0) <= window_start.unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=32)
-def selectable_in_sample(length, block_lengths, window, blocks, device) -> torch.Tensor:
+def selectable_in_sample(length, block_lengths, window, blocks, device, bucketed=False) -> torch.Tensor:
     """selectable_blocks for every position of a sample of `length` tokens, (T, T / K_{S-1}); cached per length."""
     t = torch.arange(length, device=torch.device(device))
-    return selectable_blocks(t, length // block_lengths[-1], block_lengths, window, blocks)
+    return selectable_blocks(t, length // block_lengths[-1], block_lengths, window, blocks, bucketed)
 
 
 @functools.lru_cache(maxsize=32)
-def retina_layout(length, block_lengths, window, blocks, chunk, device) -> RetinaLayout:
+def retina_layout(length, block_lengths, window, blocks, chunk, device, bucketed=False) -> RetinaLayout:
     """Shared by every layer with the same windows (a 16-layer model often has only two settings)."""
-    return RetinaLayout(length, list(block_lengths), window, list(blocks), chunk, torch.device(device))
+    return RetinaLayout(length, list(block_lengths), window, list(blocks), chunk, torch.device(device), bucketed)
 
 
 class RetinaAttention(nn.Module):
@@ -217,6 +224,7 @@ class RetinaAttention(nn.Module):
         super().__init__()
         dim = args.decoder_embed_dim
         self.grid, self.window, self.blocks = grid, window, list(blocks)
+        self.bucketed = getattr(args, "retina_bucketed_window", False)
         self.attn = MultiScaleAttention(dim, args.decoder_attention_heads, args.attention_dropout,
                                         rotary_fraction(args))
         # keys and values of scale s are pooled from those of scale s - 1 (complete-block rule only)
@@ -237,7 +245,7 @@ class RetinaAttention(nn.Module):
 
     def layout(self, length: int, device) -> RetinaLayout:
         return retina_layout(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks), self.chunk,
-                             str(device))
+                             str(device), self.bucketed)
 
     def scale_keys_values(self, x):
         """(B, T, C) -> per scale s: keys and values (B, T / K_s, C); rotary positions: keys rotated by their
@@ -287,7 +295,7 @@ class RetinaAttention(nn.Module):
 
     def selectable(self, length: int, device) -> torch.Tensor:
         return selectable_in_sample(length, tuple(self.grid.block_lengths), self.window, tuple(self.blocks),
-                                    str(device))
+                                    str(device), self.bucketed)
 
     def scale_gates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) query inputs -> (B, N, H, S) gates in (0, 1), one per head and scale."""
@@ -302,7 +310,7 @@ class RetinaAttention(nn.Module):
         With --retina-select it also keeps every token and every coarsest block (any may be selected): T.
         """
         lengths = self.grid.block_lengths
-        bounds = retina_bounds(t, lengths, self.window, self.blocks)
+        bounds = retina_bounds(t, lengths, self.window, self.blocks, self.bucketed)
         position = self.attn.step_position(x, t)  # every element formed at t is ready at t (complete rule)
         new_k, new_v = self.attn.k_proj(x), self.attn.v_proj(x)  # (B, 1, C), pooled unrotated
         keys, values, scales = [], [], []  # what this step reads of each scale s in `scales`
@@ -339,7 +347,7 @@ class RetinaAttention(nn.Module):
             if f"{name}.select_blocks" in cache:
                 blocks = cache[f"{name}.select_blocks"]  # (B, nb, C)
                 selectable = selectable_blocks(torch.tensor([t], device=x.device), blocks.size(1), lengths,
-                                               self.window, self.blocks)  # (1, nb)
+                                               self.window, self.blocks, self.bucketed)  # (1, nb)
                 selected = (cache[f"{name}.select_k"], cache[f"{name}.select_v"], blocks, selectable)
             return self.gated_step(x, position, scales, keys, values, selected)
         keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, L_t, C)

@@ -101,7 +101,7 @@ def retina_mask(attn, length):
 
     lengths = attn.grid.block_lengths
     t = torch.arange(length)
-    bounds = retina_bounds(t, lengths, attn.window, attn.blocks)  # per scale (T,)
+    bounds = retina_bounds(t, lengths, attn.window, attn.blocks, attn.bucketed)  # per scale (T,)
     allowed, scales, ready = [], [], []
     for s, k in enumerate(lengths):
         j = torch.arange(length // k)

@@ -174,6 +174,13 @@ SUITES["peers"] = {
     "retina_gate_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE + ["--retina-gate"],
                                     "4 token layers (W=64, /4 to 256, /16 beyond), gated scales, rotary on all dims, "
                                     "GEGLU"),
+    # local-attention's window on top of the gates: the full-resolution window starts a 64-token bucket before the
+    # query's own (64-127 tokens back, exactly what peer_local reads), so retina reads what local-attention reads and
+    # older blocks besides; a chunk's queries share their blocks, so fewer padded keys are scored
+    "retina_bucket_gate_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE
+                                           + ["--retina-gate", "--retina-bucketed-window"],
+                                           "4 token layers (W=64 bucketed, /4 to 256, /16 beyond), gated scales, "
+                                           "rotary on all dims, GEGLU"),
     # NSA's selected blocks on top of the gates: each query also reads 4 older 16-token blocks token by token, those
     # its query ranks highest (peer_nsa's setting: 4 selected blocks of 16), for exact copying from far back
     "retina_select_rotary_full_glu": (SUITES["main"]["retina"][0] + RETINA_LOCAL_LIKE
