@@ -149,6 +149,13 @@ BUGS = [
     Bug("gated_backward_gate_grad_undropped", "modules/gated_chunks.py",
         "d_g.append((mixed * d_mixed).sum(-1, keepdim=True))", "d_g.append((weights * d_mixed).sum(-1, keepdim=True))",
         "--retina-gate with attention dropout: the gates' gradient reads the weights before dropout"),
+    Bug("retina_bucket_one_short", "modules/retina_attention.py",
+        "start = (t // window - 1) * window if bucketed", "start = (t // window) * window if bucketed",
+        "--retina-bucketed-window: the window starts at the query's own bucket (a bucket short: 1 .. W tokens)"),
+    Bug("retina_bucket_step_unbucketed", "modules/retina_attention.py",
+        "bounds = retina_bounds(t, lengths, self.window, self.blocks, self.bucketed)",
+        "bounds = retina_bounds(t, lengths, self.window, self.blocks)",
+        "--retina-bucketed-window: decoding steps read the block-aligned window, the full pass the bucketed one"),
     Bug("scale_positions_kept", "modules/positions.py", 'if getattr(args, "no_scale_positions", False):',
         "if False:", "--no-scale-positions is accepted but the coarse scales keep their position vectors"),
     # --- a mixed-precision invariant broken while the output stays close to fp32
