@@ -93,7 +93,9 @@ def describe_scales(args, grid, plan, tokens_per_sample):
         n = -(-tokens_per_sample // k)
         if args.family == "retina":
             read = sorted({(w if s == 0 else blocks[s - 1]) for w, blocks in plan.retina_layers})
-            parts.append(f"scale {s}: {k}-token blocks, read {'/'.join(map(str, read))} {'tokens' if s == 0 else 'blocks'}")
+            what = ("tokens" + (" bucketed (W+1..2W)" if getattr(args, "retina_bucketed_window", False) else "")
+                    if s == 0 else "blocks")
+            parts.append(f"scale {s}: {k}-token blocks, read {'/'.join(map(str, read))} {what}")
         else:
             layers = args.token_layers if s == 0 else plan.scale_layers[s - 1]
             parts.append(f"scale {s}: {n} x {k}-token blocks, {layers} layers")
