@@ -156,46 +156,41 @@ def test_no_future_leakage_with_rotary_positions(make_model, config, extra):
     assert_no_leak(model.eval(), dictionary, length=41)
 
 
-# gated scales (--retina-gate): a scale a query reads nothing of is computed over unmasked keys and multiplied by
-# zero, so every retina config, with rotary positions on every other one, in training and in inference mode
-GATE_CASES = [pytest.param(c, {"rotary_positions": i % 2 == 1, "ffn_glu": i % 2 == 1}, id=case_id("retina", c) + "-gate")
-              for i, c in enumerate(RETINA)]
+# retina's options, each over every retina config it allows, rotary positions on every other one, in training and
+# in inference mode:
+# - gated scales (--retina-gate): a scale a query reads nothing of is computed over unmasked keys and multiplied by
+#   zero;
+# - selected blocks (--retina-select): a query picks among blocks that end before its window, by scores of its own
+#   query (1 or 3 blocks);
+# - bucketed windows (--retina-bucketed-window): the window starts a bucket before the query's own (configs whose
+#   windows are multiples of the first pooling factor), gated or not, with selected blocks on one.
+def bucketable(config):
+    factors, windows = config[0], config[1]
+    return all(int(group.split(",")[0]) % int(factors.split(",")[0]) == 0 for group in windows.split(";"))
 
 
-@pytest.mark.parametrize("config,extra", GATE_CASES)
-def test_no_future_leakage_with_gated_scales(config, extra):
-    model, dictionary = retina_model(*config, retina_gate=True, **extra, **DROPOUT)
-    assert any(layer.attn.gate is not None for layer in model.decoder.body.layers)
-    assert_no_leak(model.train(), dictionary, length=41)
-    assert_no_leak(model.eval(), dictionary, length=41)
+RETINA_OPTION_CASES = (
+    [pytest.param(c, {"retina_gate": True, "rotary_positions": i % 2 == 1, "ffn_glu": i % 2 == 1},
+                  id=case_id("retina", c) + "-gate") for i, c in enumerate(RETINA)]
+    + [pytest.param(c, {"retina_gate": True, "rotary_positions": i % 2 == 0, "retina_select": 1 + 2 * (i % 2)},
+                    id=case_id("retina", c) + "-select") for i, c in enumerate(RETINA)]
+    + [pytest.param(c, {"retina_bucketed_window": True, "retina_gate": i % 2 == 1, "rotary_positions": i % 2 == 0,
+                        "retina_select": 2 if i == 3 else 0}, id=case_id("retina", c) + "-bucketed")
+       for i, c in enumerate(filter(bucketable, RETINA))]
+)
 
 
-# bucketed windows (--retina-bucketed-window): the window starts a bucket before the query's own; the configs whose
-# windows are multiples of the first pooling factor (the rule), gated or not, with selected blocks on one
-BUCKET_CASES = [pytest.param(c, {"retina_gate": i % 2 == 1, "retina_select": 2 if i == 3 else 0,
-                                 "rotary_positions": i % 2 == 0}, id=case_id("retina", c) + "-bucketed")
-                for i, c in enumerate(c for c in RETINA if all(int(w.split(",")[0]) % int(c[0].split(",")[0]) == 0
-                                                               for w in c[1].split(";")))]
+def applied(layer, extra):
+    """Whether a retina layer carries the options of `extra` (so a case cannot pass with an option ignored)."""
+    return ((layer.gate is not None) == extra.get("retina_gate", False)
+            and layer.select == extra.get("retina_select", 0)
+            and layer.bucketed == extra.get("retina_bucketed_window", False))
 
 
-@pytest.mark.parametrize("config,extra", BUCKET_CASES)
-def test_no_future_leakage_with_bucketed_windows(config, extra):
-    model, dictionary = retina_model(*config, retina_bucketed_window=True, **extra, **DROPOUT)
-    assert all(layer.attn.bucketed for layer in model.decoder.body.layers)
-    assert_no_leak(model.train(), dictionary, length=41)
-    assert_no_leak(model.eval(), dictionary, length=41)
-
-
-# selected blocks (--retina-select): a query picks among blocks that end before its window, by scores of its own
-# query; every retina config, with 1 or 3 blocks picked, rotary positions on every other one
-SELECT_CASES = [pytest.param(c, {"rotary_positions": i % 2 == 0, "retina_select": 1 + 2 * (i % 2)},
-                             id=case_id("retina", c) + "-select") for i, c in enumerate(RETINA)]
-
-
-@pytest.mark.parametrize("config,extra", SELECT_CASES)
-def test_no_future_leakage_with_selected_blocks(config, extra):
-    model, dictionary = retina_model(*config, retina_gate=True, **extra, **DROPOUT)
-    assert all(layer.attn.select for layer in model.decoder.body.layers)
+@pytest.mark.parametrize("config,extra", RETINA_OPTION_CASES)
+def test_no_future_leakage_with_retina_options(config, extra):
+    model, dictionary = retina_model(*config, **extra, **DROPOUT)
+    assert all(applied(layer.attn, extra) for layer in model.decoder.body.layers)
     assert_no_leak(model.train(), dictionary, length=41)
     assert_no_leak(model.eval(), dictionary, length=41)
 
