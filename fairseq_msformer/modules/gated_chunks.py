@@ -12,8 +12,8 @@ gathers again in backward (an index_select, cheap). The softmax weights P_s (H *
 again there too (one matmul and the softmaxes; the default: the memory of checkpointing, most of its speed back),
 or kept from forward (``keep_weights``, --no-retina-recompute: ~1.1x the model's activation memory, ~5% faster).
 
-Backward, per scale s (O_s = P_s V_s is recomputed, one matmul, rather than kept):
-    dg_s = rowsum(dOut * O_s)              dV_s = P_s^T (g_s dOut)            dP_s = (g_s dOut) V_s^T
+Backward, per scale s (A_s = dOut V_s^T serves both the gate and the weights, so O_s = P_s V_s is never needed):
+    dg_s = rowsum(P_s * A_s)               dV_s = P_s^T (g_s dOut)            dP_s = g_s A_s
     dS_s = P_s * (dP_s - rowsum(dP_s * P_s))                                  dQ += dS_s K_s,  dK_s = dS_s^T Q
 Attention dropout multiplies P_s by a kept mask / (1 - p) after the softmax; the mask is kept (one byte per weight).
 Work is laid out head-major, (B, H, chunks, ...): gathered keys and chunked queries are then views of contiguous

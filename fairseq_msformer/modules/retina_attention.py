@@ -11,7 +11,8 @@ block-aligned spans, newest first (``retina_bounds``):
 so every position is read once, at one resolution, and only complete blocks are read (the causality rule).
 Bucketed (--retina-bucketed-window): the window starts one W-token bucket before the query's own, as in
 local-attention with one bucket of look-back, so retina reads what local-attention reads plus the older blocks, and
-every query of a bucket reads the same blocks (a query chunk of W gathers no block it does not use).
+every query of a bucket reads the same blocks (a query chunk of W, the chunk for W <= 128, gathers no block it
+does not use).
 
 Blockwise: queries are cut into chunks of Q; each chunk gathers the few keys its queries can read (a fixed
 count L per chunk, about W + Q + sum_s (n_s + Q / K_s)) and runs one masked SDPA over (Q, L) (gated scales:
